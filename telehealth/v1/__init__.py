@@ -1,0 +1,1 @@
+"""Generated from proto/telehealth/v1 by make proto; never edit."""
