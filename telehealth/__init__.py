@@ -1,0 +1,1 @@
+"""Shared code of every telehealth-mesh process."""

@@ -1,0 +1,284 @@
+"""Typed settings for each process: defaults in code, then YAML, then TELEHEALTH_* env, then flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from telehealth.security.tls import TlsConfigError, TlsFiles
+
+ENV_PREFIX = "TELEHEALTH_"
+ENV_BODY = "TELEHEALTH_CONFIG"
+
+
+class ConfigError(Exception):
+    """A setting is unknown or invalid; the message names the key."""
+
+
+class Settings(BaseModel):
+    """Keys shared by every process. Unknown keys are an error (extra='forbid')."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    log_format: str = Field("json", description="json (one object per line) or text")
+    data_dir: Path = Field(Path("var"), description="where SQLite files and keys live")
+    grpc_max_message_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="largest gRPC message accepted"
+    )
+    tls_cert_file: str = Field(
+        "", description="PEM certificate chain of this process; empty (all three) = plaintext"
+    )
+    tls_key_file: str = Field("", description="PEM private key of tls_cert_file")
+    tls_ca_file: str = Field(
+        "", description="PEM CA that signs every peer; servers require client certs from it"
+    )
+    grpc_idle_timeout_s: float = Field(
+        300.0, gt=0, description="close a connection with no RPC for this long"
+    )
+
+    def tls(self) -> TlsFiles | None:
+        """The mTLS files, or None for plaintext (tests and dev)."""
+        try:
+            return TlsFiles.from_settings(self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+        except TlsConfigError as e:
+            raise ConfigError(str(e)) from e
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> Settings:
+        self.tls()
+        return self
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        v = v.upper()
+        if v not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return v
+
+    @field_validator("log_format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        if v not in {"json", "text"}:
+            raise ValueError("must be json or text")
+        return v
+
+
+class CoreSettings(Settings):
+    grpc_listen: str = Field("127.0.0.1:50051", description="host:port of the core's gRPC API")
+    http_listen: str = Field("127.0.0.1:8080", description="host:port of /metrics and the console")
+    database_url: str = Field(
+        "", description="SQLAlchemy async URL; empty means SQLite at data_dir/core.db"
+    )
+    heartbeat_timeout_s: float = Field(3.0, gt=0, description="edge declared dead after this")
+    token_ttl_s: int = Field(900, ge=30, description="lifetime of session tokens")
+    token_key_rotation_s: float = Field(
+        86400.0, gt=0, description="period of new token signing keys (edges get them at once)"
+    )
+    token_refresh_grace_s: int = Field(
+        3600, ge=0, description="how long after expiry a device's token still buys a fresh one"
+    )
+    user_token_ttl_s: int = Field(
+        8 * 3600, ge=60, description="lifetime of a clinician's or operator's login token"
+    )
+    http_trust_forwarded: bool = Field(
+        False,
+        description="behind one reverse proxy (ingress): take the client address from the last "
+        "X-Forwarded-For entry and https from X-Forwarded-Proto; only the proxy must reach "
+        "http_listen",
+    )
+    login_max_failures_per_user: int = Field(
+        5, ge=1, description="failed HTTP logins for one user id per login_failure_window_s"
+    )
+    login_failure_window_s: float = Field(
+        300.0, gt=0, description="window of login_max_failures_per_user"
+    )
+    login_max_attempts_per_address: int = Field(
+        30, ge=1, description="HTTP login attempts from one client address per minute"
+    )
+    zone_latency_ms: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="zone -> {other zone -> latency ms}; fallback order when a zone is full",
+    )
+    discovery: str = Field("heartbeat", description="heartbeat or kubernetes")
+    cluster: bool = Field(
+        False,
+        description="several core replicas share one PostgreSQL store (changes travel by "
+        "LISTEN/NOTIFY); needs a postgresql database_url and a shared keys_dir",
+    )
+    keys_dir: Path | None = Field(
+        None, description="token signing keys; shared by all replicas (default data_dir/keys)"
+    )
+    kubernetes_namespace: str = Field("", description="namespace of the edge Service")
+    kubernetes_edge_service: str = Field("telehealth-edge", description="edge Service name")
+
+    @field_validator("discovery")
+    @classmethod
+    def _discovery(cls, v: str) -> str:
+        if v not in {"heartbeat", "kubernetes"}:
+            raise ValueError("must be heartbeat or kubernetes")
+        return v
+
+    @model_validator(mode="after")
+    def _cluster_needs_postgres(self) -> CoreSettings:
+        if self.cluster and not self.database_url.startswith("postgresql"):
+            raise ValueError("cluster needs database_url on PostgreSQL (postgresql+asyncpg://...)")
+        return self
+
+    def resolved_keys_dir(self) -> Path:
+        return self.keys_dir or self.data_dir / "keys"
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'core.db'}"
+
+
+class EdgeSettings(Settings):
+    edge_id: str = Field("edge-a", min_length=1, description="unique name of this edge node")
+    zone: str = Field("zone-a", min_length=1, description="zone this edge serves")
+    grpc_listen: str = Field("127.0.0.1:50061", description="host:port devices and clinicians dial")
+    advertise_address: str = Field(
+        "", description="address given to devices; empty means grpc_listen"
+    )
+    http_listen: str = Field("127.0.0.1:9102", description="host:port of /metrics")
+    core_address: str = Field("127.0.0.1:50051", description="the core's gRPC address")
+    capacity_sessions: int = Field(
+        1000, ge=1, description="sessions before placement looks elsewhere"
+    )
+    heartbeat_interval_s: float = Field(0.5, gt=0, description="load report period")
+    subscriber_queue: int = Field(256, ge=4, description="events buffered per subscriber")
+    max_batch_samples: int = Field(20000, ge=1, description="waveform samples allowed per batch")
+    max_batch_vitals: int = Field(100, ge=1, description="spot readings allowed per batch")
+    assignment_wait_s: float = Field(
+        1.0, ge=0, description="how long a publish waits to learn of a fresh placement"
+    )
+    ecg_window_s: float = Field(8.0, gt=2, description="ECG window for R-peak heart rate")
+    media_udp_port_min: int = Field(
+        40000, ge=1024, le=65535, description="lowest UDP port of WebRTC (ICE) candidates"
+    )
+    media_udp_port_max: int = Field(
+        40099, ge=1024, le=65535, description="highest UDP port of WebRTC (ICE) candidates"
+    )
+    media_pixel_budget: int = Field(
+        640 * 480 * 30 * 8,
+        ge=1,
+        description="video pixels/s the edge forwards at full quality before low-risk calls degrade",
+    )
+    media_passthrough: bool = Field(
+        True,
+        description="forward the patient's encoded video to viewers as it came (no decode and "
+        "re-encode) when codecs match and the call is at full quality",
+    )
+    http_advertise_url: str = Field(
+        "", description="base URL browsers use for this edge; empty means http://http_listen"
+    )
+    publish_rate_batches_per_s: float = Field(
+        200.0, gt=0, description="per-session publish rate (token bucket); devices send ~25/s"
+    )
+    publish_burst_batches: int = Field(
+        2000, ge=1, description="batches a session may send at once (catch-up after an outage)"
+    )
+    publish_idle_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="a publish stream with no batch for this long is closed (sparse "
+        "devices, e.g. a blood-pressure cuff every few minutes, must stay connected)",
+    )
+    max_subscribers_per_session: int = Field(
+        32, ge=1, description="concurrent vitals subscriptions of one session"
+    )
+    vision_sample_hz: float = Field(
+        15.0,
+        gt=0,
+        le=60,
+        description="patient frames per second copied to vision (rPPG needs >= 8)",
+    )
+
+    def advertised(self) -> str:
+        return self.advertise_address or self.grpc_listen
+
+
+S = TypeVar("S", bound=Settings)
+
+
+def _env_overrides(model: type[Settings], environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in model.model_fields:
+        key = ENV_PREFIX + name.upper()
+        if key in environ:
+            # YAML parsing lets env carry numbers, booleans and maps ({a: {b: 1}}).
+            out[name] = yaml.safe_load(environ[key]) if environ[key] else ""
+    known = {ENV_PREFIX + n.upper() for n in model.model_fields} | {ENV_BODY}
+    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known)
+    if unknown:
+        raise ConfigError(f"unknown environment setting {unknown[0]} (known: {sorted(known)})")
+    return out
+
+
+def add_flags(parser: argparse.ArgumentParser, model: type[Settings]) -> None:
+    """One --flag per setting; flags win over env and file."""
+    parser.add_argument("--config", type=Path, help="YAML file of settings")
+    for name, field in model.model_fields.items():
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=f"setting_{name}",
+            default=None,
+            metavar=name.upper(),
+            help=f"{field.description or ''} (default: {field.get_default(call_default_factory=True)!r})",
+        )
+
+
+def load_settings(
+    model: type[S],
+    ns: argparse.Namespace | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> S:
+    """Merge file/body, env, flags and overrides; raise ConfigError naming the bad key."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    path = getattr(ns, "config", None) if ns is not None else None
+    body = env.get(ENV_BODY)
+    try:
+        if path is not None:
+            values.update(yaml.safe_load(Path(path).read_text()) or {})
+        elif body:
+            values.update(yaml.safe_load(body) or {})
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read configuration: {e}") from e
+    if not isinstance(values, dict):
+        raise ConfigError("configuration must be a YAML mapping of setting: value")
+    values.update(_env_overrides(model, env))
+    if ns is not None:
+        for name in model.model_fields:
+            v = getattr(ns, f"setting_{name}", None)
+            if v is not None:
+                values[name] = yaml.safe_load(v) if name == "zone_latency_ms" else v
+    values.update(overrides or {})
+    try:
+        return model.model_validate(values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "?"
+        raise ConfigError(f"setting {key!r}: {err['msg']}") from e
+
+
+def parse_settings(model: type[S], argv: Sequence[str] | None, description: str) -> S:
+    """Parse flags for a service's main(); exits with status 2 and the key on bad config."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog=f"Every setting can also come from a YAML file (--config or the whole body in "
+        f"{ENV_BODY}) or from {ENV_PREFIX}<NAME> environment variables; flags win.",
+    )
+    add_flags(parser, model)
+    ns = parser.parse_args(argv)
+    try:
+        return load_settings(model, ns)
+    except ConfigError as e:
+        parser.error(str(e))

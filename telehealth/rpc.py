@@ -1,0 +1,305 @@
+"""gRPC plumbing shared by every server: construction, interceptors, health, reflection, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from telehealth.errors import DomainError, ErrorCode, InvalidArgument
+from telehealth.security.tls import ReloadingServerCredentials, TlsFiles, channel_credentials
+from telehealth.telemetry.metrics import RpcMetrics
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    Context = grpc.aio.ServicerContext
+    Handler = grpc.RpcMethodHandler
+
+STATUS_OF: dict[ErrorCode, grpc.StatusCode] = {
+    ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorCode.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorCode.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorCode.OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
+    ErrorCode.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def status_of(err: DomainError) -> grpc.StatusCode:
+    return STATUS_OF[err.code]
+
+
+class Malformed:
+    """Stands in for a request that did not decode, so the handler can refuse it by name
+    (grpc would otherwise answer UNKNOWN, as if the server had failed)."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def safe(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as e:  # any decode failure of untrusted bytes
+            return Malformed(type(e).__name__)
+
+    return safe
+
+
+def _checked(request: Any, method: str) -> Any:
+    if isinstance(request, Malformed):
+        raise InvalidArgument(
+            f"request to {method} is not a valid protobuf message ({request.error})"
+        )
+    return request
+
+
+async def _checked_stream(requests: Any, method: str) -> AsyncIterator[Any]:
+    async for r in requests:
+        yield _checked(r, method)
+
+
+def _split(method: str) -> tuple[str, str]:
+    # "/telehealth.v1.VitalsService/Publish" -> ("telehealth.v1.VitalsService", "Publish")
+    _, service, name = method.split("/", 2)
+    return service, name
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Measures every RPC and turns DomainError into its gRPC status in one place."""
+
+    def __init__(self, metrics: RpcMetrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        service, method = _split(handler_call_details.method)
+        m = self._metrics
+
+        def _begin() -> float:
+            m.started.labels(service, method).inc()
+            m.in_flight.labels(service, method).inc()
+            return time.perf_counter()
+
+        def _end(t0: float, context: Context) -> None:
+            m.in_flight.labels(service, method).dec()
+            code = context.code()
+            name = code.name if isinstance(code, grpc.StatusCode) else "OK"
+            m.duration.labels(service, method, name).observe(time.perf_counter() - t0)
+
+        async def _abort(context: Context, err: DomainError) -> None:
+            await context.abort(status_of(err), err.message)
+
+        if handler.unary_unary is not None:
+            inner_uu: Any = handler.unary_unary
+
+            async def unary_unary(request: Any, context: Context) -> Any:
+                t0 = _begin()
+                try:
+                    return await inner_uu(_checked(request, method), context)
+                except DomainError as e:
+                    await _abort(context, e)
+                finally:
+                    _end(t0, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary,
+                request_deserializer=_safe_deserializer(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_us: Any = handler.unary_stream
+
+            async def unary_stream(request: Any, context: Context) -> Any:
+                t0 = _begin()
+                try:
+                    async for item in inner_us(_checked(request, method), context):
+                        yield item
+                except DomainError as e:
+                    await _abort(context, e)
+                finally:
+                    _end(t0, context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream,
+                request_deserializer=_safe_deserializer(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            inner_ss: Any = handler.stream_stream
+
+            async def stream_stream(request_iterator: Any, context: Context) -> Any:
+                t0 = _begin()
+                try:
+                    async for item in inner_ss(_checked_stream(request_iterator, method), context):
+                        yield item
+                except DomainError as e:
+                    await _abort(context, e)
+                finally:
+                    _end(t0, context)
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream,
+                request_deserializer=_safe_deserializer(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def server_options(max_message_bytes: int, idle_timeout_s: float = 300.0) -> list[tuple[str, Any]]:
+    return [
+        # A connection with no RPC for this long is closed: idle sockets cost memory per peer.
+        ("grpc.max_connection_idle_ms", int(idle_timeout_s * 1000)),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def secure_channel(
+    address: str,
+    tls: TlsFiles | None,
+    options: Sequence[tuple[str, Any]] | None = None,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+) -> grpc.aio.Channel:
+    """The one way to dial a peer: mTLS when files are configured, plaintext otherwise.
+    The files are read now, so a channel rebuilt after a reconnect uses renewed certificates."""
+    opts = list(options if options is not None else channel_options())
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=opts, interceptors=interceptors)
+    return grpc.aio.secure_channel(
+        address, channel_credentials(tls), options=opts, interceptors=interceptors
+    )
+
+
+def channel_options(max_message_bytes: int = 4 * 1024 * 1024) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # Detect a dead peer within seconds, so a device fails over quickly.
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+    ]
+
+
+class GrpcServer:
+    """A grpc.aio server with health, reflection and the shared interceptor, bound to one address."""
+
+    def __init__(
+        self,
+        listen: str,
+        metrics: RpcMetrics,
+        max_message_bytes: int,
+        extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        tls: TlsFiles | None = None,
+        idle_timeout_s: float = 300.0,
+    ) -> None:
+        self.server = grpc.aio.server(
+            interceptors=[ServerInterceptor(metrics), *extra_interceptors],
+            options=server_options(max_message_bytes, idle_timeout_s),
+        )
+        # Client certificates are required whenever TLS is on: mTLS, never one-way TLS.
+        self.tls = ReloadingServerCredentials(tls) if tls is not None else None
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._listen = listen
+        self.port = 0
+        self._service_names: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+
+    def add(
+        self, register: Callable[[Any, grpc.aio.Server], None], servicer: Any, name: str
+    ) -> None:
+        register(servicer, self.server)
+        self._service_names.append(name)
+
+    async def start(self) -> int:
+        reflection.enable_server_reflection(self._service_names, self.server)
+        if self.tls is not None:
+            self.port = self.server.add_secure_port(self._listen, self.tls.credentials)
+        else:
+            self.port = self.server.add_insecure_port(self._listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self._listen}")
+        await self.server.start()
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self._service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+def host_of(listen: str) -> str:
+    return listen.rsplit(":", 1)[0]
+
+
+def with_port(listen: str, port: int) -> str:
+    return f"{host_of(listen)}:{port}"
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def token_from(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer ") :]
+    return None
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set `stop`, so serve() drains gracefully."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def wait_backoff(stop: asyncio.Event, backoff: float, cap: float = 2.0) -> float:
+    """Sleep a jittered `backoff` (or until stop); return the next, doubled up to `cap`.
+    Jitter keeps many clients that lost the same peer from retrying in lock step."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), backoff * (0.5 + random.random()))
+    return min(backoff * 2, cap)

@@ -1,0 +1,286 @@
+"""Prometheus metrics of each process, all under the telehealth_ namespace, one registry per server."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+NAMESPACE = "telehealth"
+
+# Latency buckets from 100 µs to 10 s: vitals delivery lives in the low milliseconds.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+)  # fmt: skip
+
+
+class RpcMetrics:
+    """Per-method gRPC latency and outcome, filled by the server interceptor."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.duration = Histogram(
+            "rpc_duration_seconds",
+            "Time to complete a unary RPC, or lifetime of a streaming RPC",
+            ["service", "method", "code"],
+            namespace=NAMESPACE,
+            registry=registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.started = Counter(
+            "rpc_started_total",
+            "RPCs started",
+            ["service", "method"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "rpc_in_flight",
+            "RPCs (including open streams) in progress",
+            ["service", "method"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+
+
+class EdgeMetrics:
+    """What an edge node's vitals pipeline exports."""
+
+    def __init__(self, registry: CollectorRegistry, edge_id: str, zone: str) -> None:
+        self.rpc = RpcMetrics(registry)
+        labels = {"edge": edge_id, "zone": zone}
+        self.active_sessions = Gauge(
+            "edge_active_sessions",
+            "Sessions with a publisher or subscriber on this edge",
+            list(labels),
+            namespace=NAMESPACE,
+            registry=registry,
+        ).labels(**labels)
+        self.subscribers = Gauge(
+            "edge_subscribers",
+            "Open vitals subscriptions",
+            list(labels),
+            namespace=NAMESPACE,
+            registry=registry,
+        ).labels(**labels)
+        self.publishers = Gauge(
+            "edge_publishers",
+            "Open device publish streams",
+            list(labels),
+            namespace=NAMESPACE,
+            registry=registry,
+        ).labels(**labels)
+        batches_in = Counter(
+            "edge_batches_in_total",
+            "Vitals batches received, by result (accepted, duplicate, rejected)",
+            [*labels, "result"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.batches_accepted = batches_in.labels(**labels, result="accepted")
+        self.batches_duplicate = batches_in.labels(**labels, result="duplicate")
+        self.batches_rejected = batches_in.labels(**labels, result="rejected")
+        self.events_out = Counter(
+            "edge_events_out_total",
+            "Events delivered to subscribers",
+            list(labels),
+            namespace=NAMESPACE,
+            registry=registry,
+        ).labels(**labels)
+        self.fanout_dropped = Counter(
+            "edge_fanout_dropped_total",
+            "Events dropped (oldest first) for subscribers that fell behind",
+            list(labels),
+            namespace=NAMESPACE,
+            registry=registry,
+        ).labels(**labels)
+        self.sample_age = Histogram(
+            "edge_sample_age_seconds",
+            "Age of a batch (edge clock minus device send time) when handed to a subscriber",
+            list(labels),
+            namespace=NAMESPACE,
+            registry=registry,
+            buckets=LATENCY_BUCKETS,
+        ).labels(**labels)
+        self.news2_alerts = Counter(
+            "edge_alerts_total",
+            "Clinical alerts raised (NEWS2 band changes and red parameters)",
+            list(labels),
+            namespace=NAMESPACE,
+            registry=registry,
+        ).labels(**labels)
+        self.heartbeats = Counter(
+            "edge_heartbeats_sent_total",
+            "Load reports sent to the core",
+            list(labels),
+            namespace=NAMESPACE,
+            registry=registry,
+        ).labels(**labels)
+        self.core_connected = Gauge(
+            "edge_core_connected",
+            "1 while the heartbeat stream to the core is up",
+            list(labels),
+            namespace=NAMESPACE,
+            registry=registry,
+        ).labels(**labels)
+
+
+class CoreMetrics:
+    """What the core exports: sessions, placement, the edge registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.rpc = RpcMetrics(registry)
+        self.open_sessions = Gauge(
+            "core_open_sessions",
+            "Open sessions by zone of the edge they are placed on",
+            ["zone"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.placements = Counter(
+            "core_placements_total",
+            "Placement decisions by outcome (same_zone, fallback_zone, rejected)",
+            ["outcome"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.placement_duration = Histogram(
+            "core_placement_duration_seconds",
+            "Time to choose an edge for a session",
+            namespace=NAMESPACE,
+            registry=registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.migrations = Counter(
+            "core_migrations_total",
+            "Sessions moved to another edge, by reason (edge_dead, drain, zone_change)",
+            ["reason"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.edges = Gauge(
+            "core_edges",
+            "Known edge nodes by state",
+            ["state"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.edge_load = Gauge(
+            "core_edge_load_ratio",
+            "Active sessions over capacity, per edge, from heartbeats",
+            ["edge", "zone"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.heartbeats = Counter(
+            "core_heartbeats_total",
+            "Heartbeats received from edges",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.archived = Counter(
+            "core_archived_batches_total",
+            "Vitals batches made durable in the archive",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.archive_duplicates = Counter(
+            "core_archive_duplicates_total",
+            "Batches the archive already held (re-sent after a failover), dropped",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.archive_append = Histogram(
+            "core_archive_append_seconds",
+            "Time to make one append request of batches durable",
+            namespace=NAMESPACE,
+            registry=registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.watchers = Gauge(
+            "core_session_watchers",
+            "Open Sessions.Watch streams",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+
+
+class MediaMetrics:
+    """What an edge's media relay and vision export (telehealth_media_*)."""
+
+    def __init__(self, registry: CollectorRegistry, edge_id: str, zone: str) -> None:
+        labels = {"edge": edge_id, "zone": zone}
+        self.active_calls = Gauge(
+            "media_active_calls",
+            "Consultations with a connected patient or clinician on this edge",
+            list(labels),
+            namespace=NAMESPACE,
+            registry=registry,
+        ).labels(**labels)
+        self.peer_connections = Gauge(
+            "media_peer_connections",
+            "Open WebRTC peer connections",
+            list(labels),
+            namespace=NAMESPACE,
+            registry=registry,
+        ).labels(**labels)
+        self.frames_relayed = Counter(
+            "media_frames_relayed_total",
+            "Video frames handed to a peer's encoder",
+            list(labels),
+            namespace=NAMESPACE,
+            registry=registry,
+        ).labels(**labels)
+        self.frames_dropped = Counter(
+            "media_frames_dropped_total",
+            "Video frames skipped because a peer fell behind (newest wins) or its mode lowers fps",
+            [*labels, "reason"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.call_fps = Gauge(
+            "media_call_fps",
+            "Frames per second received from the patient, per session",
+            [*labels, "session"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.call_mode = Gauge(
+            "media_call_mode",
+            "Call mode per session: 1 full, 2 reduced, 3 audio only",
+            [*labels, "session"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.negotiations = Counter(
+            "media_negotiations_total",
+            "Offers answered or refused, by role and result",
+            [*labels, "role", "result"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.vision_latency = Histogram(
+            "media_vision_latency_seconds",
+            "Time from a frame's arrival to its vision result (queueing and analysis)",
+            list(labels),
+            namespace=NAMESPACE,
+            registry=registry,
+            buckets=LATENCY_BUCKETS,
+        ).labels(**labels)
+        self.vision_skipped = Counter(
+            "media_vision_skipped_total",
+            "Sampled frames not analysed because the vision worker was still busy",
+            list(labels),
+            namespace=NAMESPACE,
+            registry=registry,
+        ).labels(**labels)
+        self._labels = labels
+
+    def dropped(self, reason: str) -> Counter:
+        return self.frames_dropped.labels(**self._labels, reason=reason)
+
+    def forget_session(self, session_id: str) -> None:
+        # Per-session series would otherwise grow without bound over a long-running edge.
+        for gauge in (self.call_fps, self.call_mode):
+            try:
+                gauge.remove(*self._labels.values(), session_id)
+            except KeyError:
+                pass
