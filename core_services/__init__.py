@@ -1,0 +1,1 @@
+"""The core: sessions and placement, edge registry, archive, console."""

@@ -1,0 +1,87 @@
+"""Archive logic: exactly-once appends with per-session durable watermarks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from core_services.archive.store import ArchiveStore, StoredBatch
+from telehealth.telemetry.metrics import CoreMetrics
+from telehealth.v1 import archive_pb2
+from telehealth.watermark import Watermark
+
+
+class Archive:
+    def __init__(self, store: ArchiveStore, metrics: CoreMetrics, shared: bool = False) -> None:
+        self.store = store
+        # With several core replicas, others append too: watermarks come from the database.
+        self._shared = shared
+        self._metrics = metrics
+        self._wm: dict[str, Watermark] = {}
+        # One writer at a time: watermarks are computed from what is already stored.
+        self._lock = asyncio.Lock()
+
+    async def _watermark(
+        self, session_id: str, loaded: dict[str, Watermark] | None = None
+    ) -> Watermark:
+        """The session's watermark: cached when this core is the only writer; with several
+        replicas, read from the database once per append (others write too)."""
+        cache = loaded if self._shared and loaded is not None else self._wm
+        wm = cache.get(session_id)
+        if wm is None or (self._shared and loaded is None):
+            value, above = await self.store.watermark(session_id)
+            wm = Watermark(value)
+            for seq in above:
+                wm.add(seq)
+            cache[session_id] = wm
+        return wm
+
+    async def archived_seq(self, session_id: str) -> int:
+        return (await self._watermark(session_id)).value
+
+    async def append(
+        self, edge_id: str, batches: list[archive_pb2.ArchivedBatch]
+    ) -> tuple[dict[str, int], int]:
+        """Store what is new; return the watermark of every session touched and the count
+        of batches already held."""
+        t0 = time.perf_counter()
+        async with self._lock:
+            rows: list[StoredBatch] = []
+            touched: dict[str, Watermark] = {}
+            duplicates = 0
+            added: set[tuple[str, int]] = set()
+            loaded: dict[str, Watermark] = {}
+            for ab in batches:
+                wm = await self._watermark(ab.session_id, loaded)
+                touched[ab.session_id] = wm
+                seq = ab.batch.seq
+                if seq == 0 or wm.seen(seq) or (ab.session_id, seq) in added:
+                    duplicates += 1
+                    continue
+                added.add((ab.session_id, seq))
+                rows.append(
+                    StoredBatch(
+                        session_id=ab.session_id,
+                        seq=seq,
+                        patient_id=ab.patient_id,
+                        edge_id=ab.edge_id or edge_id,
+                        device_time_unix_ns=ab.batch.device_time_unix_ns,
+                        edge_received_unix_ns=ab.edge_received_unix_ns,
+                        batch=ab.batch.SerializeToString(),
+                    )
+                )
+            before = {sid: wm.value for sid, wm in touched.items()}
+            for r in rows:
+                touched[r.session_id].add(r.seq)
+            changed = {sid: wm.value for sid, wm in touched.items() if wm.value != before[sid]}
+            try:
+                await self.store.append(rows, changed)
+            except BaseException:
+                # Forget what we believed; the next use reloads from the database.
+                for sid in touched:
+                    self._wm.pop(sid, None)
+                raise
+        self._metrics.archived.inc(len(rows))
+        self._metrics.archive_duplicates.inc(duplicates)
+        self._metrics.archive_append.observe(time.perf_counter() - t0)
+        return {sid: wm.value for sid, wm in touched.items()}, duplicates

@@ -1,0 +1,1 @@
+"""Clinician and operator authentication, patient assignments and the authorization rules."""

@@ -1,0 +1,334 @@
+"""The edge registry: who is alive, where, how loaded; commands queued to each edge's stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from core_services.edges.discovery import DiscoveredEdge
+from core_services.sessions.domain import EdgeState, EdgeView, Session
+from core_services.store import SqlStore
+from telehealth.errors import NotFound
+from telehealth.rpc import secure_channel
+from telehealth.security.tls import TlsFiles
+from telehealth.telemetry.metrics import CoreMetrics
+
+log = logging.getLogger(__name__)
+
+# How often a replica records heartbeat times in a shared store.
+HEARTBEAT_FLUSH_S = 1.0
+
+
+@dataclass(frozen=True)
+class AssignSession:
+    session: Session
+    # Where the session's archive stands: a new edge resumes the watermark from here.
+    archived_seq: int = 0
+
+
+@dataclass(frozen=True)
+class ReleaseSession:
+    session_id: str
+    reason: str
+    new_edge_id: str = ""
+    new_edge_address: str = ""
+
+
+@dataclass(frozen=True)
+class SetDraining:
+    draining: bool
+
+
+@dataclass(frozen=True)
+class PushTokenKeys:
+    """The core rotated its signing keys: the edge replaces its verifying keys at once."""
+
+
+Command = AssignSession | ReleaseSession | SetDraining | PushTokenKeys
+
+
+@dataclass
+class EdgeEntry:
+    edge_id: str
+    zone: str
+    address: str
+    state: EdgeState = EdgeState.HEALTHY
+    capacity_sessions: int = 1000
+    reported_sessions: int = 0
+    subscribers: int = 0
+    cpu_percent: float = 0.0
+    batches_in_total: int = 0
+    last_heartbeat_mono: float = 0.0
+    last_heartbeat_unix_ns: int = 0
+    draining: bool = False
+    outbox: asyncio.Queue[Command] | None = None
+    stream_token: object = field(default_factory=object)
+    # Base URL of the edge's HTTP side (patient page, browser signalling), from heartbeats.
+    http_address: str = ""
+
+
+class EdgeRegistry:
+    def __init__(
+        self,
+        store: SqlStore,
+        metrics: CoreMetrics,
+        heartbeat_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._clock = clock
+        self.edges: dict[str, EdgeEntry] = {}
+        # Sessions the core has placed per edge: fresher than the edge's own report.
+        self.placed: dict[str, int] = {}
+        self.on_edge_dead: Callable[[str], Awaitable[None]] | None = None
+        # Several core replicas share the store: other replicas' edges come from it.
+        self.shared = False
+        # The core's own client credentials, for probing edges over mTLS.
+        self.tls: TlsFiles | None = None
+        self._beats: dict[str, int] = {}
+        self._last_flush = 0.0
+        self.on_edge_connected: Callable[[str], Awaitable[None]] | None = None
+
+    async def load(self) -> None:
+        """Recover edges from the store after a core restart; liveness restarts from now."""
+        now = self._clock()
+        for row in await self._store.list_edges():
+            state = row["state"]
+            self.edges[row["edge_id"]] = EdgeEntry(
+                edge_id=row["edge_id"],
+                zone=row["zone"],
+                address=row["address"],
+                state=state,
+                capacity_sessions=row["capacity_sessions"],
+                last_heartbeat_mono=now,
+                last_heartbeat_unix_ns=row["last_heartbeat_unix_ns"],
+                draining=state is EdgeState.DRAINING,
+            )
+        self._export()
+
+    def views(self) -> list[EdgeView]:
+        return [
+            EdgeView(
+                edge_id=e.edge_id,
+                zone=e.zone,
+                address=e.address,
+                state=e.state,
+                active_sessions=max(self.placed.get(e.edge_id, 0), e.reported_sessions)
+                if e.state is not EdgeState.DEAD
+                else 0,
+                capacity_sessions=e.capacity_sessions,
+            )
+            for e in self.edges.values()
+        ]
+
+    def get(self, edge_id: str) -> EdgeEntry:
+        e = self.edges.get(edge_id)
+        if e is None:
+            raise NotFound(f"no edge named {edge_id!r}; known: {sorted(self.edges) or 'none'}")
+        return e
+
+    async def connect(
+        self, edge_id: str, zone: str, address: str, capacity: int
+    ) -> tuple[EdgeEntry, asyncio.Queue[Command]]:
+        """A heartbeat stream opened: (re)register the edge and give it a fresh outbox."""
+        e = self.edges.get(edge_id)
+        was_dead = e is None or e.state is EdgeState.DEAD
+        if e is None:
+            e = EdgeEntry(edge_id=edge_id, zone=zone, address=address)
+            self.edges[edge_id] = e
+        e.zone, e.address, e.capacity_sessions = zone, address, capacity
+        e.outbox = asyncio.Queue()
+        e.stream_token = object()
+        e.last_heartbeat_mono = self._clock()
+        e.last_heartbeat_unix_ns = time.time_ns()
+        e.state = EdgeState.DRAINING if e.draining else EdgeState.HEALTHY
+        log.info(
+            "edge connected",
+            extra={"edge": edge_id, "zone": zone, "address": address, "was_dead": was_dead},
+        )
+        await self._persist(e)
+        self._export()
+        if self.on_edge_connected is not None:
+            await self.on_edge_connected(edge_id)
+        return e, e.outbox
+
+    def disconnect(self, edge_id: str, stream_token: object) -> None:
+        e = self.edges.get(edge_id)
+        # A newer stream of the same edge may already have replaced this one.
+        if e is not None and e.stream_token is stream_token:
+            e.outbox = None
+
+    def heartbeat(
+        self,
+        edge_id: str,
+        *,
+        active_sessions: int,
+        subscribers: int,
+        capacity: int,
+        cpu_percent: float,
+        batches_in_total: int,
+    ) -> None:
+        e = self.edges[edge_id]
+        e.reported_sessions = active_sessions
+        e.subscribers = subscribers
+        e.capacity_sessions = capacity or e.capacity_sessions
+        e.cpu_percent = cpu_percent
+        e.batches_in_total = batches_in_total
+        e.last_heartbeat_mono = self._clock()
+        e.last_heartbeat_unix_ns = time.time_ns()
+        self._beats[edge_id] = e.last_heartbeat_unix_ns
+        self._metrics.heartbeats.inc()
+        self._metrics.edge_load.labels(e.edge_id, e.zone).set(
+            max(self.placed.get(edge_id, 0), active_sessions) / max(e.capacity_sessions, 1)
+        )
+
+    def send(self, edge_id: str, command: Command) -> bool:
+        e = self.edges.get(edge_id)
+        if e is None or e.outbox is None:
+            return False
+        e.outbox.put_nowait(command)
+        return True
+
+    def broadcast(self, command: Command) -> None:
+        for edge_id in self.edges:
+            self.send(edge_id, command)
+
+    async def set_draining(self, edge_id: str, draining: bool) -> EdgeEntry:
+        e = self.get(edge_id)
+        e.draining = draining
+        self.send(edge_id, SetDraining(draining))
+        if e.state is not EdgeState.DEAD:
+            e.state = EdgeState.DRAINING if draining else EdgeState.HEALTHY
+        await self._persist(e)
+        self._export()
+        return e
+
+    async def probe(self, edge_id: str, timeout_s: float = 0.3) -> bool:
+        """Is the edge alive right now? Its heartbeat stream must be up and its health
+        check must answer SERVING within the timeout."""
+        e = self.edges.get(edge_id)
+        if e is None or e.state is EdgeState.DEAD:
+            return False
+        if e.outbox is None and not self.shared:
+            return False  # its heartbeat stream to this (only) core is gone
+        try:
+            async with secure_channel(e.address, self.tls) as ch:
+                r = await health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(), timeout=timeout_s
+                )
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def _late(self, e: EdgeEntry, now: float, now_ns: int) -> bool:
+        if e.outbox is None and self.shared:
+            # Another replica may hold this edge's stream: judge by the shared store.
+            return now_ns - e.last_heartbeat_unix_ns > self.heartbeat_timeout_s * 1e9
+        return now - e.last_heartbeat_mono > self.heartbeat_timeout_s
+
+    async def check_liveness(self) -> list[str]:
+        """Mark edges dead whose heartbeats stopped; return the newly dead."""
+        if self.shared:
+            await self._flush_beats()
+            await self.refresh()
+        now, now_ns = self._clock(), time.time_ns()
+        late = [
+            e.edge_id
+            for e in self.edges.values()
+            if e.state is not EdgeState.DEAD and self._late(e, now, now_ns)
+        ]
+        return await self.mark_dead(late, f"no heartbeat for {self.heartbeat_timeout_s}s")
+
+    async def _flush_beats(self) -> None:
+        # At most once a second: well inside the heartbeat timeout others judge by.
+        if self._clock() - self._last_flush < HEARTBEAT_FLUSH_S or not self._beats:
+            return
+        beats, self._beats = self._beats, {}
+        self._last_flush = self._clock()
+        await self._store.touch_edges(beats)
+
+    async def refresh(self) -> None:
+        """Take in edges whose streams other replicas hold, as the shared store has them."""
+        for row in await self._store.list_edges():
+            e = self.edges.get(row["edge_id"])
+            if e is not None and e.outbox is not None:
+                continue  # this replica hears the edge itself
+            if e is None:
+                e = EdgeEntry(edge_id=row["edge_id"], zone=row["zone"], address=row["address"])
+                self.edges[e.edge_id] = e
+            e.zone, e.address = row["zone"], row["address"]
+            e.state = row["state"]
+            e.draining = e.state is EdgeState.DRAINING
+            e.capacity_sessions = row["capacity_sessions"]
+            e.last_heartbeat_unix_ns = max(e.last_heartbeat_unix_ns, row["last_heartbeat_unix_ns"])
+        self._export()
+
+    async def apply_discovery(self, found: list[DiscoveredEdge]) -> list[str]:
+        """Kubernetes' view: an edge whose endpoint is gone or not ready is dead at once,
+        without waiting for its heartbeats to time out."""
+        ready = {d.edge_id for d in found if d.ready}
+        gone = [
+            e.edge_id
+            for e in self.edges.values()
+            if e.state is not EdgeState.DEAD and e.edge_id not in ready
+        ]
+        return await self.mark_dead(gone, "endpoint removed or not ready in Kubernetes")
+
+    async def mark_dead(self, edge_ids: list[str], reason: str) -> list[str]:
+        # Several clients may report the same edge at once: only the first report counts.
+        edge_ids = [i for i in edge_ids if self.edges[i].state is not EdgeState.DEAD]
+        for edge_id in edge_ids:
+            self.edges[edge_id].state = EdgeState.DEAD
+        claimed = []
+        for edge_id in edge_ids:
+            e = self.edges[edge_id]
+            e.state = EdgeState.DEAD
+            e.outbox = None
+            if self.shared and not await self._store.claim_edge_death(edge_id):
+                continue  # another replica saw it first and re-places its sessions
+            claimed.append(edge_id)
+            log.warning("edge marked dead", extra={"edge": edge_id, "reason": reason})
+            await self._persist(e)
+        edge_ids = claimed
+        if edge_ids:
+            self._export()
+            if self.on_edge_dead is not None:
+                for edge_id in edge_ids:
+                    await self.on_edge_dead(edge_id)
+        return edge_ids
+
+    async def run_liveness(self, stop: asyncio.Event) -> None:
+        period = min(0.25, self.heartbeat_timeout_s / 4)
+        while not stop.is_set():
+            try:
+                await self.check_liveness()
+            except Exception:
+                log.exception("liveness check failed")
+            try:
+                await asyncio.wait_for(stop.wait(), period)
+            except TimeoutError:
+                pass
+
+    async def _persist(self, e: EdgeEntry) -> None:
+        await self._store.upsert_edge(
+            edge_id=e.edge_id,
+            zone=e.zone,
+            address=e.address,
+            state=e.state,
+            capacity_sessions=e.capacity_sessions,
+            last_heartbeat_unix_ns=e.last_heartbeat_unix_ns,
+        )
+
+    def _export(self) -> None:
+        for state in EdgeState:
+            self._metrics.edges.labels(state.name.lower()).set(
+                sum(1 for e in self.edges.values() if e.state is state)
+            )
