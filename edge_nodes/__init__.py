@@ -1,0 +1,1 @@
+"""The edge node: vitals pipeline, scoring, media, vision."""

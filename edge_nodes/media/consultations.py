@@ -1,0 +1,351 @@
+"""Every consultation and peer connection on this edge: negotiate, hang up, degrade, close all."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+from edge_nodes.media.consultation import (
+    CLINICIAN,
+    PATIENT,
+    CallEvent,
+    Consultation,
+    Peer,
+    new_call_id,
+    remote_tracks,
+)
+from edge_nodes.media.passthrough import (
+    forward_keyframe_requests,
+    install_tap,
+    use_marker_jitter_buffer,
+)
+from edge_nodes.media.ports import UdpPortRange, bind_in_range
+from edge_nodes.media.quality import CallMode, VideoDemand, allocate
+from edge_nodes.media.sdp import check_offer
+from edge_nodes.media.vision_tap import VisionWorker
+from edge_nodes.vitals.fanout import Subscriber
+from edge_nodes.vitals.sessions import EdgeSessions
+from telehealth.config import EdgeSettings
+from telehealth.errors import (
+    DomainError,
+    ErrorCode,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from telehealth.security.tokens import SessionClaims, TokenVerifier
+from telehealth.telemetry.metrics import MediaMetrics
+
+log = logging.getLogger(__name__)
+
+ROLES = (PATIENT, CLINICIAN)
+MAX_CLINICIANS = 8
+NEGOTIATE_TIMEOUT_S = 10.0
+# A peer that has not connected by then (client gone after its offer) is closed.
+CONNECT_TIMEOUT_S = 30.0
+QUALITY_PERIOD_S = 1.0
+
+
+class AlreadyConnected(DomainError):
+    code = ErrorCode.ALREADY_EXISTS
+
+
+class Consultations:
+    """The owner of every RTCPeerConnection on the edge (aiortc's PeerManager pattern): each is
+    registered before anything can fail and closed on hang-up, failure, session release or
+    shutdown, so none outlives its call."""
+
+    def __init__(
+        self,
+        settings: EdgeSettings,
+        sessions: EdgeSessions,
+        verifier: TokenVerifier,
+        metrics: MediaMetrics,
+    ) -> None:
+        self._settings = settings
+        self._sessions = sessions
+        self._verifier = verifier
+        self.metrics = metrics
+        self.ports = UdpPortRange(settings.media_udp_port_min, settings.media_udp_port_max)
+        self.vision = VisionWorker(settings.vision_sample_hz)
+        self.calls: dict[str, Consultation] = {}
+        self.peers: dict[str, Peer] = {}
+        self._quality: asyncio.Task[None] | None = None
+        # Teardowns started from aiortc callbacks; held so they finish (and close() can wait).
+        self._background: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    # -- auth ---------------------------------------------------------------------------
+
+    def authorize(
+        self, token: str | None, session_id: str, roles: tuple[str, ...]
+    ) -> SessionClaims:
+        if not session_id:
+            raise InvalidArgument("session_id must be set")
+        if not self._verifier.has_keys:
+            raise Unavailable("edge has not yet received token keys from the core; retry shortly")
+        return self._verifier.verify(token, session_id=session_id, roles=roles)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._quality = asyncio.create_task(self._quality_loop())
+
+    async def close(self, reason: str = "edge is shutting down") -> None:
+        self._closing = True
+        if self._quality is not None:
+            self._quality.cancel()
+            await asyncio.gather(self._quality, return_exceptions=True)
+        for call in list(self.calls.values()):
+            await self._end_call(call, reason)
+        await asyncio.gather(*(self._close_peer(p, reason) for p in list(self.peers.values())))
+        await asyncio.gather(*list(self._background), return_exceptions=True)
+        self.vision.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @property
+    def peer_count(self) -> int:
+        return len(self.peers)
+
+    # -- signalling -----------------------------------------------------------------------
+
+    async def negotiate(
+        self, token: str | None, session_id: str, role: str, offer_sdp: str
+    ) -> tuple[str, str, CallMode]:
+        """Answer an offer for session_id as role; return (call_id, answer SDP, call mode)."""
+        result = "refused"
+        try:
+            if role not in ROLES:
+                raise InvalidArgument(
+                    f"role must be publisher (patient) or viewer (clinician), not {role!r}"
+                )
+            claims = self.authorize(token, session_id, (role,))
+            check_offer(offer_sdp)
+            if self._closing:
+                raise Unavailable("edge is shutting down; ask the core for a new assignment")
+            channel = await self._sessions.channel_for(claims)
+            call = self.calls.get(session_id)
+            if call is None:
+                call = Consultation(
+                    session_id, channel, self.metrics, self._settings.media_passthrough
+                )
+                self.calls[session_id] = call
+                call.tasks.append(asyncio.create_task(self._follow(call)))
+                call.tasks.append(asyncio.create_task(self.vision.run(call)))
+                self.metrics.active_calls.set(len(self.calls))
+            peer = await self._reserve(call, role)
+            try:
+                answer = await asyncio.wait_for(
+                    self._answer(call, peer, offer_sdp), NEGOTIATE_TIMEOUT_S
+                )
+            except BaseException:
+                await self._close_peer(peer, "negotiation failed")
+                raise
+            result = "answered"
+            log.info(
+                "call negotiated",
+                extra={"session": session_id, "call": peer.call_id, "role": role},
+            )
+            return peer.call_id, answer, call.mode
+        except TimeoutError:
+            raise Unavailable(f"negotiation took longer than {NEGOTIATE_TIMEOUT_S:.0f} s") from None
+        finally:
+            self.metrics.negotiations.labels(
+                **self.metrics._labels, role=role if role in ROLES else "invalid", result=result
+            ).inc()
+
+    async def _reserve(self, call: Consultation, role: str) -> Peer:
+        """Register the peer before the first await, so two offers cannot both become patient."""
+        if role == PATIENT and call.patient is not None:
+            old = call.patient
+            if old.live and old.pc.connectionState in ("new", "connecting", "connected"):
+                raise AlreadyConnected(
+                    f"session {call.session_id} already has a patient device connected; "
+                    "hang up that call first (or wait for it to time out)"
+                )
+            # The old device is gone (its link failed): the new one takes over.
+            await self._close_peer(old, "replaced by a new patient connection")
+        if role == CLINICIAN and len(call.clinicians) >= MAX_CLINICIANS:
+            raise ResourceExhausted(
+                f"session {call.session_id} already has {MAX_CLINICIANS} clinicians connected"
+            )
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        peer = Peer(new_call_id(), role, call.session_id, pc)
+        self.peers[peer.call_id] = peer
+        self.metrics.peer_connections.set(len(self.peers))
+        if role == PATIENT:
+            call.patient = peer  # claimed now; attach() wires tracks once negotiated
+        pc.add_listener("track", lambda track: self._on_track(call, peer, track))
+        pc.add_listener("connectionstatechange", lambda: self._on_state(peer))
+        return peer
+
+    async def _answer(self, call: Consultation, peer: Peer, offer_sdp: str) -> str:
+        pc = peer.pc
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            raise InvalidArgument(
+                f"offer SDP was refused by WebRTC ({type(e).__name__}: {e})"
+            ) from None
+        for t in pc.getTransceivers():
+            counted = peer.incoming.get(t.kind)
+            if t.kind == "video" or (call.passthrough and counted is not None):
+                # Video frames complete on their marker packet, not one frame interval later;
+                # forwarded audio is not held back four frames.
+                jitter = use_marker_jitter_buffer(t.receiver, t.kind)
+                if call.passthrough and counted is not None:
+                    counted.tap = install_tap(t.receiver, jitter)
+                    counted.tap.on_frame = counted.arrived
+            if t.kind in ("audio", "video"):
+                fwd = call.forwarded_track(t.kind)
+                peer.outgoing[t.kind] = fwd
+                pc.addTrack(fwd)
+        bind_in_range(pc, self.ports)
+        answer = await pc.createAnswer()
+        await pc.setLocalDescription(answer)
+        for t in pc.getTransceivers():
+            sending = peer.outgoing.get(t.kind)
+            if sending is not None:
+                codecs = t._codecs  # what the answer negotiated, preferred first
+                sending.out_codec = codecs[0].name if codecs else ""
+                if t.kind == "video":
+                    forward_keyframe_requests(t.sender, sending.request_keyframe)
+        call.attach(peer)
+        asyncio.get_running_loop().call_later(CONNECT_TIMEOUT_S, self._check_connected, peer)
+        return pc.localDescription.sdp
+
+    def _on_track(self, call: Consultation, peer: Peer, track: MediaStreamTrack) -> None:
+        remote_tracks(peer, track)
+        if peer.outgoing:  # already attached: a renegotiated track is rewired
+            call.attach(peer)
+
+    def _on_state(self, peer: Peer) -> None:
+        state = peer.pc.connectionState
+        log.info(
+            "peer state", extra={"session": peer.session_id, "call": peer.call_id, "state": state}
+        )
+        if state in ("failed", "closed") and not peer.closed:
+            self._spawn(self._close_peer(peer, f"connection {state}"))
+
+    def _check_connected(self, peer: Peer) -> None:
+        if not peer.closed and peer.pc.connectionState != "connected":
+            self._spawn(self._close_peer(peer, "never connected"))
+
+    async def hangup(self, token: str | None, session_id: str, call_id: str) -> bool:
+        self.authorize(token, session_id, ROLES)
+        peer = self.peers.get(call_id)
+        if peer is None:
+            return False
+        if peer.session_id != session_id:
+            raise NotFound(f"call {call_id} is not a call of session {session_id}")
+        await self._close_peer(peer, "hung up")
+        return True
+
+    def watch(self, claims: SessionClaims) -> tuple[Consultation, Subscriber[CallEvent]]:
+        call = self.calls.get(claims.session_id)
+        if call is None:
+            raise FailedPrecondition(
+                f"session {claims.session_id} has no call on this edge yet; negotiate first"
+            )
+        sub: Subscriber[CallEvent] = Subscriber(64)
+        call.watch(sub)
+        return call, sub
+
+    async def watch_session(self, session_id: str) -> Consultation:
+        """The session's call, created (without peers) so a page can watch before it negotiates."""
+        call = self.calls.get(session_id)
+        if call is None:
+            raise FailedPrecondition(f"session {session_id} has no call on this edge")
+        return call
+
+    # -- teardown ---------------------------------------------------------------------------
+
+    async def _close_peer(self, peer: Peer, reason: str) -> None:
+        if peer.closed:
+            return
+        peer.closed = True
+        call = self.calls.get(peer.session_id)
+        if call is not None:
+            call.detach(peer)
+        for t in peer.incoming.values():
+            t.stop()
+        with contextlib.suppress(Exception):
+            await peer.pc.close()
+        self.peers.pop(peer.call_id, None)
+        self.metrics.peer_connections.set(len(self.peers))
+        log.info(
+            "call ended",
+            extra={
+                "session": peer.session_id,
+                "call": peer.call_id,
+                "role": peer.role,
+                "reason": reason,
+            },
+        )
+        if call is not None and not call.peers and not self._closing:
+            await self._end_call(call, "everyone left")
+
+    async def _end_call(self, call: Consultation, reason: str) -> None:
+        if self.calls.get(call.session_id) is not call:
+            return
+        del self.calls[call.session_id]
+        call.end(reason)
+        for peer in call.peers:
+            await self._close_peer(peer, reason)
+        await asyncio.gather(*call.tasks, return_exceptions=True)
+        self.metrics.active_calls.set(len(self.calls))
+        self.metrics.forget_session(call.session_id)
+
+    async def _follow(self, call: Consultation) -> None:
+        reason = await call.follow_vitals()
+        # The session moved or closed: its calls end here; peers reconnect at the new edge.
+        self._spawn(self._end_call(call, reason))
+
+    # -- quality ------------------------------------------------------------------------------
+
+    async def _quality_loop(self) -> None:
+        while True:
+            await asyncio.sleep(QUALITY_PERIOD_S)
+            try:
+                await self.rebalance()
+            except Exception:
+                log.exception("media quality pass failed")
+
+    async def rebalance(self) -> None:
+        calls = list(self.calls.values())
+        for call in calls:
+            await call.sample_links()
+        demands = []
+        for call in calls:
+            src = call.patient_video
+            if src is None or not call.clinicians:
+                continue
+            demands.append(
+                VideoDemand(
+                    session_id=call.session_id,
+                    pixel_rate=src.width * src.height * max(src.fps, 1.0),
+                    viewers=len(call.clinicians),
+                    news2_band=call.news2_band,
+                    started_unix_ns=call.started_unix_ns,
+                )
+            )
+        budget = allocate(demands, self._settings.media_pixel_budget)
+        for call in calls:
+            call.budget_mode = budget.get(call.session_id, CallMode.FULL)
+            call.apply_modes()
+
+
+def now_ns() -> int:
+    return time.time_ns()

@@ -1,0 +1,145 @@
+"""Call modes for poor links and a busy edge, as pure functions and small state machines.
+
+Two things lower a call's quality: its own link (loss and round-trip time measured from RTCP)
+and the edge's video budget. The budget is shared by priority: calls whose patient's NEWS2 band
+is medium or high keep full quality ahead of the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class CallMode(IntEnum):
+    # Values match telehealth.v1.CallMode; a larger value forwards less.
+    FULL = 1
+    REDUCED = 2
+    AUDIO_ONLY = 3
+
+    def step_down(self) -> CallMode:
+        return CallMode(min(self + 1, CallMode.AUDIO_ONLY))
+
+    def step_up(self) -> CallMode:
+        return CallMode(max(self - 1, CallMode.FULL))
+
+
+# REDUCED forwards half width, half height and at most this frame rate: an eighth of the pixels.
+REDUCED_SCALE = 2
+REDUCED_MAX_FPS = 15.0
+# NEWS2 risk band values (telehealth.v1.RiskBand) that keep video quality first.
+PRIORITY_BANDS = frozenset({3, 4})
+
+
+@dataclass(frozen=True)
+class LinkSample:
+    """One second of a link as RTCP reports it."""
+
+    loss_fraction: float
+    rtt_s: float | None
+
+
+@dataclass(frozen=True)
+class LinkThresholds:
+    reduce_loss: float = 0.05
+    reduce_rtt_s: float = 0.4
+    audio_only_loss: float = 0.20
+    audio_only_rtt_s: float = 1.2
+    good_loss: float = 0.02
+    good_rtt_s: float = 0.25
+    # Consecutive bad seconds before stepping down, good seconds before stepping up. Up is
+    # slower than down so a recovering link does not flap between modes.
+    bad_seconds: int = 2
+    good_seconds: int = 5
+
+
+class LinkModeController:
+    """Hysteresis over LinkSamples: down fast on a bad link, up one step at a time when good."""
+
+    def __init__(self, thresholds: LinkThresholds = LinkThresholds()) -> None:
+        self.t = thresholds
+        self.mode = CallMode.FULL
+        self._bad = 0
+        self._good = 0
+        self.reason = "link is good"
+
+    def update(self, s: LinkSample) -> CallMode:
+        t = self.t
+        rtt = s.rtt_s if s.rtt_s is not None else 0.0
+        severe = s.loss_fraction >= t.audio_only_loss or rtt >= t.audio_only_rtt_s
+        bad = severe or s.loss_fraction >= t.reduce_loss or rtt >= t.reduce_rtt_s
+        good = s.loss_fraction <= t.good_loss and rtt <= t.good_rtt_s
+        if bad:
+            self._bad += 1
+            self._good = 0
+        elif good:
+            self._good += 1
+            self._bad = 0
+        else:
+            self._bad = self._good = 0
+        if self._bad >= t.bad_seconds:
+            target = CallMode.AUDIO_ONLY if severe else self.mode.step_down()
+            if target > self.mode:
+                self.mode = target
+                self.reason = (
+                    f"poor link: {s.loss_fraction:.0%} packets lost, round trip {rtt * 1000:.0f} ms"
+                )
+            self._bad = 0
+        elif self._good >= t.good_seconds and self.mode is not CallMode.FULL:
+            self.mode = self.mode.step_up()
+            self.reason = "link recovered" if self.mode is CallMode.FULL else "link recovering"
+            self._good = 0
+        return self.mode
+
+
+@dataclass(frozen=True)
+class VideoDemand:
+    """A call asking the edge to forward video: pixels/s at full quality, to each viewer."""
+
+    session_id: str
+    pixel_rate: float
+    viewers: int
+    news2_band: int
+    started_unix_ns: int
+
+    @property
+    def prioritised(self) -> bool:
+        return self.news2_band in PRIORITY_BANDS
+
+
+def reduced_pixel_rate(full: float) -> float:
+    return full / (REDUCED_SCALE * REDUCED_SCALE) / 2.0
+
+
+def allocate(demands: Sequence[VideoDemand], budget: float) -> dict[str, CallMode]:
+    """The best mode each call may have within the edge's video budget (pixels/s forwarded).
+
+    Calls are served in priority order: NEWS2 medium/high first, then the rest, older calls
+    first within a group. Everyone first gets the cheapest video (REDUCED) if it fits, then
+    calls are raised to FULL in the same order, so a priority patient keeps full quality while
+    low-risk calls share what is left, and video stops (AUDIO_ONLY) only when even reduced video
+    does not fit.
+    """
+    order = sorted(demands, key=lambda d: (not d.prioritised, d.started_unix_ns, d.session_id))
+    modes: dict[str, CallMode] = {}
+    used = 0.0
+    for d in order:
+        cost = reduced_pixel_rate(d.pixel_rate) * max(d.viewers, 1)
+        if used + cost <= budget:
+            modes[d.session_id] = CallMode.REDUCED
+            used += cost
+        else:
+            modes[d.session_id] = CallMode.AUDIO_ONLY
+    for d in order:
+        if modes[d.session_id] is not CallMode.REDUCED:
+            continue
+        extra = (d.pixel_rate - reduced_pixel_rate(d.pixel_rate)) * max(d.viewers, 1)
+        if used + extra <= budget:
+            modes[d.session_id] = CallMode.FULL
+            used += extra
+    return modes
+
+
+def worst(*modes: CallMode) -> CallMode:
+    return CallMode(max(modes)) if modes else CallMode.FULL

@@ -1,0 +1,190 @@
+// Patient page: joins the session named in the invite link (#session=..&token=..), sends the
+// camera and microphone to the edge, shows the clinician, the edge's picture hints and the
+// patient's own latest readings. Plain words throughout; no build step.
+"use strict";
+
+const params = new URLSearchParams(location.hash.slice(1));
+const sessionId = params.get("session") || "";
+const token = params.get("token") || "";
+const $ = (id) => document.getElementById(id);
+
+// Exposed for people debugging a call and for the browser tests.
+const state = (window.telehealth = { role: "publisher", connected: false, mode: "", hint: "", callId: "", errors: [] });
+
+let pc = null;
+let localStream = null;
+let ws = null;
+let videoSender = null;
+let cameraTrack = null;
+let latest = {};
+
+function say(text) { $("status").textContent = text; }
+
+function showHint(h) {
+  const el = $("hint");
+  state.hint = h.kind || "";
+  el.hidden = false;
+  el.textContent = h.message;
+  el.classList.toggle("good", h.kind === "VISION_HINT_KIND_GOOD");
+}
+
+function connectVitals() {
+  const url = location.origin.replace(/^http/, "ws") + "/media/ws";
+  ws = new WebSocket(url);
+  ws.onopen = () => ws.send(JSON.stringify({ session_id: sessionId, token }));
+  ws.onmessage = (m) => {
+    const msg = JSON.parse(m.data);
+    if (msg.type === "batch") for (const v of msg.batch.vitals || []) takeReading(v);
+    else if (msg.type === "call_hint") showHint(msg.hint);
+    else if (msg.type === "call_state") onCallState(msg.state);
+    else if (msg.type === "error") { state.errors.push(msg.message); say("This link does not work any more: " + msg.message); }
+    else if (msg.type === "session_released") say("Your appointment moved. Please open your invite link again.");
+  };
+  ws.onclose = (e) => { if (e.code < 4000) setTimeout(connectVitals, 2000); };
+}
+
+function takeReading(v) {
+  const now = Date.now();
+  for (const k of ["heart_rate_bpm", "spo2_percent", "respiration_rate_bpm", "systolic_mmhg", "diastolic_mmhg", "temperature_c"]) {
+    if (v[k] !== undefined) latest[k] = { value: v[k], at: now };
+  }
+}
+
+function showReadings() {
+  const val = (k, digits = 0) => (latest[k] ? Number(latest[k].value).toFixed(digits) : null);
+  const set = (id, text) => { $(id).textContent = text === null ? "-" : text; };
+  set("r-hr", val("heart_rate_bpm") && val("heart_rate_bpm") + " beats/min");
+  set("r-spo2", val("spo2_percent") && val("spo2_percent") + " %");
+  set("r-rr", val("respiration_rate_bpm") && val("respiration_rate_bpm") + " breaths/min");
+  set("r-bp", val("systolic_mmhg") && val("systolic_mmhg") + "/" + (val("diastolic_mmhg") || "-"));
+  set("r-temp", val("temperature_c", 1) && val("temperature_c", 1) + " °C");
+  const ages = Object.values(latest).map((r) => r.at);
+  $("r-age").textContent = ages.length ? "Updated " + Math.round((Date.now() - Math.max(...ages)) / 1000) + " seconds ago" : "No readings yet";
+}
+setInterval(showReadings, 1000);
+
+async function onCallState(s) {
+  state.mode = s.mode;
+  state.clinicians = s.clinicians_connected || 0;
+  if (!pc) return;
+  if (!s.clinicians_connected) say("Connected. Waiting for your clinician to join…");
+  else if (s.mode === "CALL_MODE_AUDIO_ONLY") say("Your connection is weak: sound only for now. Your readings still reach your clinician.");
+  else if (s.mode === "CALL_MODE_REDUCED") say("Your connection is slow: the picture is smaller for now.");
+  else say("You are talking to your clinician.");
+  await adaptSending(s.mode);
+}
+
+// The edge decides the mode; the page sends less when asked, and more again on recovery.
+async function adaptSending(mode) {
+  if (!videoSender || !cameraTrack) return;
+  const wantVideo = mode !== "CALL_MODE_AUDIO_ONLY" && cameraTrack.enabled;
+  if (!wantVideo && videoSender.track) await videoSender.replaceTrack(null);
+  if (wantVideo && !videoSender.track) await videoSender.replaceTrack(cameraTrack);
+  const p = videoSender.getParameters();
+  if (!p.encodings || !p.encodings.length) return;
+  const reduced = mode === "CALL_MODE_REDUCED";
+  p.encodings[0].scaleResolutionDownBy = reduced ? 2 : 1;
+  p.encodings[0].maxFramerate = reduced ? 15 : 30;
+  try { await videoSender.setParameters(p); } catch (e) { /* not every browser allows it mid-call */ }
+}
+
+function gathered(pc, timeoutMs) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => { if (pc.iceGatheringState === "complete") resolve(); };
+    pc.addEventListener("icegatheringstatechange", done);
+    setTimeout(resolve, timeoutMs);
+  });
+}
+
+async function join() {
+  $("join").disabled = true;
+  say("Starting your camera…");
+  try {
+    localStream = await navigator.mediaDevices.getUserMedia({ audio: true, video: { width: 640, height: 480 } });
+  } catch (e) {
+    say("We could not use your camera or microphone. Please allow them and try again.");
+    $("join").disabled = false;
+    return;
+  }
+  $("local-video").srcObject = localStream;
+  cameraTrack = localStream.getVideoTracks()[0] || null;
+  pc = new RTCPeerConnection({ iceServers: [] });
+  for (const t of localStream.getTracks()) {
+    const sender = pc.addTrack(t, localStream);
+    if (t.kind === "video") videoSender = sender;
+  }
+  const remote = new MediaStream();
+  $("remote-video").srcObject = remote;
+  pc.ontrack = (e) => {
+    remote.addTrack(e.track);
+    if (e.track.kind === "video") $("remote-placeholder").hidden = true;
+  };
+  pc.onconnectionstatechange = () => {
+    state.connection = pc.connectionState;
+    state.connected = pc.connectionState === "connected";
+    if (pc.connectionState === "failed") say("The call dropped. Press the green button to try again.");
+  };
+  say("Connecting…");
+  await pc.setLocalDescription(await pc.createOffer());
+  await gathered(pc, 3000);
+  const r = await fetch(`/media/sessions/${encodeURIComponent(sessionId)}/offer`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", Authorization: "Bearer " + token },
+    body: JSON.stringify({ sdp: pc.localDescription.sdp, role: "publisher" }),
+  });
+  const body = await r.json();
+  if (!r.ok) {
+    state.errors.push(body.message);
+    say("We could not start the call: " + body.message);
+    pc.close();
+    pc = null;
+    $("join").disabled = false;
+    return;
+  }
+  state.callId = body.call_id;
+  await pc.setRemoteDescription({ type: "answer", sdp: body.sdp });
+  $("join").hidden = true;
+  for (const id of ["mute", "camera", "leave"]) $(id).hidden = false;
+  say("Connected. Waiting for your clinician to join…");
+}
+
+function toggle(kind, button, onText, offText) {
+  const track = localStream && localStream.getTracks().find((t) => t.kind === kind);
+  if (!track) return;
+  track.enabled = !track.enabled;
+  button.setAttribute("aria-pressed", String(!track.enabled));
+  button.textContent = track.enabled ? onText : offText;
+}
+
+async function leave() {
+  if (state.callId) {
+    navigator.sendBeacon(`/media/sessions/${encodeURIComponent(sessionId)}/calls/${state.callId}/hangup`, JSON.stringify({ token }));
+  }
+  if (pc) pc.close();
+  pc = null;
+  if (localStream) localStream.getTracks().forEach((t) => t.stop());
+  say("Call ended. You can close this page.");
+  for (const id of ["mute", "camera", "leave"]) $(id).hidden = true;
+}
+
+// Remote frames decoded so far (tests poll it; also handy when checking a call by hand).
+state.remoteFrames = () => {
+  const v = $("remote-video");
+  return v.getVideoPlaybackQuality ? v.getVideoPlaybackQuality().totalVideoFrames : 0;
+};
+state.remoteWidth = () => $("remote-video").videoWidth;
+
+$("join").onclick = join;
+$("mute").onclick = (e) => toggle("audio", e.currentTarget, "Mute microphone", "Unmute microphone");
+$("camera").onclick = (e) => toggle("video", e.currentTarget, "Turn camera off", "Turn camera on");
+$("leave").onclick = leave;
+window.addEventListener("pagehide", leave);
+
+if (!sessionId || !token) {
+  say("This page needs the invite link your clinic sent you.");
+  $("join").disabled = true;
+} else {
+  connectVitals();
+  if (params.get("autojoin") === "1") join();
+}

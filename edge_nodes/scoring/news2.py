@@ -1,0 +1,309 @@
+"""NEWS2 early-warning score exactly as the Royal College of Physicians 2017 chart."""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from enum import IntEnum
+
+
+class Consciousness(IntEnum):
+    """ACVPU; values equal telehealth.v1.Consciousness so conversion is int()."""
+
+    UNSPECIFIED = 0
+    ALERT = 1
+    NEW_CONFUSION = 2
+    VOICE = 3
+    PAIN = 4
+    UNRESPONSIVE = 5
+
+
+class OxygenSupport(IntEnum):
+    """Values equal telehealth.v1.OxygenSupport."""
+
+    UNSPECIFIED = 0
+    AIR = 1
+    SUPPLEMENTAL = 2
+
+
+class SpO2Scale(IntEnum):
+    """Values equal telehealth.v1.SpO2Scale; scale 2 only where a clinician prescribed it."""
+
+    UNSPECIFIED = 0
+    SCALE_1 = 1
+    SCALE_2 = 2
+
+
+class RiskBand(IntEnum):
+    """Values equal telehealth.v1.RiskBand."""
+
+    UNSPECIFIED = 0
+    LOW = 1
+    LOW_MEDIUM = 2
+    MEDIUM = 3
+    HIGH = 4
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One value of one parameter and the device time it was measured."""
+
+    value: float
+    measured_unix_ns: int
+
+
+@dataclass
+class LatestVitals:
+    """The newest known value of every NEWS2 parameter of one patient."""
+
+    respiration_rate_bpm: Observation | None = None
+    spo2_percent: Observation | None = None
+    oxygen_support: Observation | None = None
+    systolic_mmhg: Observation | None = None
+    heart_rate_bpm: Observation | None = None
+    consciousness: Observation | None = None
+    temperature_c: Observation | None = None
+
+    def update(
+        self,
+        *,
+        device_time_unix_ns: int,
+        heart_rate_bpm: float | None = None,
+        spo2_percent: float | None = None,
+        respiration_rate_bpm: float | None = None,
+        systolic_mmhg: float | None = None,
+        temperature_c: float | None = None,
+        consciousness: int = 0,
+        oxygen_support: int = 0,
+    ) -> None:
+        """Take one reading; per parameter, a reading older than the one held is ignored.
+
+        Readings can arrive out of device-time order (a device resending after a
+        reconnect, two sensors batching differently), so arrival order is not trusted.
+        Enum value 0 means the device did not report the parameter.
+        """
+        t = device_time_unix_ns
+        self.heart_rate_bpm = _newer(self.heart_rate_bpm, heart_rate_bpm, t)
+        self.spo2_percent = _newer(self.spo2_percent, spo2_percent, t)
+        self.respiration_rate_bpm = _newer(self.respiration_rate_bpm, respiration_rate_bpm, t)
+        self.systolic_mmhg = _newer(self.systolic_mmhg, systolic_mmhg, t)
+        self.temperature_c = _newer(self.temperature_c, temperature_c, t)
+        if consciousness:
+            self.consciousness = _newer(self.consciousness, float(consciousness), t)
+        if oxygen_support:
+            self.oxygen_support = _newer(self.oxygen_support, float(oxygen_support), t)
+
+
+def _newer(held: Observation | None, value: float | None, t: int) -> Observation | None:
+    # Equal device times: the later arrival wins, as a device's correction of its own reading.
+    if value is None or (held is not None and held.measured_unix_ns > t):
+        return held
+    return Observation(float(value), t)
+
+
+@dataclass(frozen=True)
+class ParameterScore:
+    """The points one parameter contributes and the value they were charted from."""
+
+    parameter: str
+    score: int
+    value: float
+    measured_unix_ns: int
+
+
+@dataclass(frozen=True)
+class News2Score:
+    """Aggregate NEWS2 over the known parameters; complete when all seven are known."""
+
+    total: int
+    band: RiskBand
+    parameters: tuple[ParameterScore, ...]
+    complete: bool
+
+
+def _decimal(value: float) -> Decimal:
+    """The decimal number a device meant by a float.
+
+    Vitals travel as protobuf float32, so 38.05 arrives as 38.0499992370...; taken
+    literally it would round down. When the value is exactly a float32 we use the
+    shortest decimal that round-trips at float32 precision ("38.05"), otherwise the
+    shortest one at float64 precision (repr), so 35.04999 stays 35.04999.
+    """
+    if not math.isfinite(value):
+        raise ValueError(f"cannot chart a non-finite value {value!r}")
+    as32 = struct.unpack("f", struct.pack("f", value))[0]
+    if as32 == value:
+        for digits in range(1, 10):
+            text = f"{value:.{digits}g}"
+            if struct.unpack("f", struct.pack("f", float(text)))[0] == as32:
+                return Decimal(text)
+    return Decimal(repr(value))
+
+
+def _round_half_up(value: float, places: int) -> Decimal:
+    """Round as the chart is read: whole numbers (or 0.1 °C), halves going up."""
+    return _decimal(value).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
+
+
+def score_respiration_rate(v: float) -> int:
+    """Breaths per minute: ≤8:3, 9-11:1, 12-20:0, 21-24:2, ≥25:3."""
+    r = _round_half_up(v, 0)
+    if r <= 8:
+        return 3
+    if r <= 11:
+        return 1
+    if r <= 20:
+        return 0
+    if r <= 24:
+        return 2
+    return 3
+
+
+def score_spo2(v: float, scale: SpO2Scale, oxygen: OxygenSupport) -> int:
+    """SpO2 % on scale 1, or scale 2 where ≥93 % scores only on supplemental oxygen.
+
+    UNSPECIFIED scale means scale 1. On scale 2 an unknown oxygen support is charted
+    as air (the aggregate then lacks air_or_oxygen and is marked incomplete).
+    """
+    s = _round_half_up(v, 0)
+    if scale == SpO2Scale.SCALE_2:
+        if s <= 83:
+            return 3
+        if s <= 85:
+            return 2
+        if s <= 87:
+            return 1
+        if s <= 92 or oxygen != OxygenSupport.SUPPLEMENTAL:
+            return 0
+        if s <= 94:
+            return 1
+        if s <= 96:
+            return 2
+        return 3
+    if s <= 91:
+        return 3
+    if s <= 93:
+        return 2
+    if s <= 95:
+        return 1
+    return 0
+
+
+def score_air_or_oxygen(o: OxygenSupport) -> int:
+    """Air 0, supplemental oxygen 2."""
+    if o == OxygenSupport.AIR:
+        return 0
+    if o == OxygenSupport.SUPPLEMENTAL:
+        return 2
+    raise ValueError(f"oxygen support {int(o)} is not AIR (1) or SUPPLEMENTAL (2)")
+
+
+def score_systolic_bp(v: float) -> int:
+    """Systolic mmHg: ≤90:3, 91-100:2, 101-110:1, 111-219:0, ≥220:3."""
+    s = _round_half_up(v, 0)
+    if s <= 90:
+        return 3
+    if s <= 100:
+        return 2
+    if s <= 110:
+        return 1
+    if s <= 219:
+        return 0
+    return 3
+
+
+def score_pulse(v: float) -> int:
+    """Pulse per minute: ≤40:3, 41-50:1, 51-90:0, 91-110:1, 111-130:2, ≥131:3."""
+    p = _round_half_up(v, 0)
+    if p <= 40:
+        return 3
+    if p <= 50:
+        return 1
+    if p <= 90:
+        return 0
+    if p <= 110:
+        return 1
+    if p <= 130:
+        return 2
+    return 3
+
+
+def score_consciousness(c: Consciousness) -> int:
+    """Alert 0; new confusion, voice, pain or unresponsive 3."""
+    if c == Consciousness.ALERT:
+        return 0
+    if c in (
+        Consciousness.NEW_CONFUSION,
+        Consciousness.VOICE,
+        Consciousness.PAIN,
+        Consciousness.UNRESPONSIVE,
+    ):
+        return 3
+    raise ValueError(f"consciousness {int(c)} is not one of ACVPU (1-5)")
+
+
+def score_temperature(v: float) -> int:
+    """°C to 0.1: ≤35.0:3, 35.1-36.0:1, 36.1-38.0:0, 38.1-39.0:1, ≥39.1:2."""
+    t = _round_half_up(v, 1)
+    if t <= Decimal("35.0"):
+        return 3
+    if t <= Decimal("36.0"):
+        return 1
+    if t <= Decimal("38.0"):
+        return 0
+    if t <= Decimal("39.0"):
+        return 1
+    return 2
+
+
+def risk_band(total: int, max_single: int) -> RiskBand:
+    """High ≥7, medium 5-6, low-medium when 0-4 with any single parameter at 3, else low."""
+    if total >= 7:
+        return RiskBand.HIGH
+    if total >= 5:
+        return RiskBand.MEDIUM
+    if max_single >= 3:
+        return RiskBand.LOW_MEDIUM
+    return RiskBand.LOW
+
+
+def compute_news2(latest: LatestVitals, scale: SpO2Scale) -> News2Score:
+    """Score every known parameter in chart order; the total covers only those known."""
+    oxygen = OxygenSupport.UNSPECIFIED
+    if latest.oxygen_support is not None:
+        oxygen = OxygenSupport(int(latest.oxygen_support.value))
+    scored: list[ParameterScore] = []
+
+    def add(name: str, obs: Observation | None, score: int | None) -> None:
+        if obs is not None and score is not None:
+            scored.append(ParameterScore(name, score, obs.value, obs.measured_unix_ns))
+
+    rr, spo2, ox = latest.respiration_rate_bpm, latest.spo2_percent, latest.oxygen_support
+    sbp, hr, acvpu, temp = (
+        latest.systolic_mmhg,
+        latest.heart_rate_bpm,
+        latest.consciousness,
+        latest.temperature_c,
+    )
+    add("respiration_rate", rr, None if rr is None else score_respiration_rate(rr.value))
+    add("spo2", spo2, None if spo2 is None else score_spo2(spo2.value, scale, oxygen))
+    add("air_or_oxygen", ox, None if ox is None else score_air_or_oxygen(oxygen))
+    add("systolic_bp", sbp, None if sbp is None else score_systolic_bp(sbp.value))
+    add("pulse", hr, None if hr is None else score_pulse(hr.value))
+    add(
+        "consciousness",
+        acvpu,
+        None if acvpu is None else score_consciousness(Consciousness(int(acvpu.value))),
+    )
+    add("temperature", temp, None if temp is None else score_temperature(temp.value))
+
+    total = sum(p.score for p in scored)
+    max_single = max((p.score for p in scored), default=0)
+    return News2Score(
+        total=total,
+        band=risk_band(total, max_single),
+        parameters=tuple(scored),
+        complete=len(scored) == 7,
+    )

@@ -1,0 +1,1 @@
+"""OpenCV analytics on sampled patient frames: picture quality hints and pulse by rPPG."""

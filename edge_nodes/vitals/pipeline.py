@@ -1,0 +1,264 @@
+"""One session's pipeline at the edge: dedup, score (NEWS2, ECG heart rate, alerts), fan out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_nodes.scoring.ecg import RPeakDetector
+from edge_nodes.scoring.news2 import LatestVitals, News2Score, RiskBand, SpO2Scale, compute_news2
+from edge_nodes.vitals.domain import Limits, check_ahead, validate_batch
+from edge_nodes.vitals.fanout import Fanout, Subscriber
+from telehealth.errors import DomainError, InvalidArgument
+from telehealth.v1 import vitals_pb2
+from telehealth.watermark import Watermark
+
+Event = vitals_pb2.SubscribeVitalsResponse
+DERIVED_HR_PERIOD_NS = 1_000_000_000
+# Device and ECG heart rate disagreeing by more than this is worth a clinician's look.
+HR_DISAGREEMENT_BPM = 20.0
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    accepted: bool
+    duplicate: bool = False
+    rejection: DomainError | None = None
+    # The waveforms' samples as arrays, in batch order (accepted batches only).
+    waveforms: tuple[npt.NDArray[np.float32], ...] = ()
+
+
+class SessionChannel:
+    def __init__(
+        self,
+        session_id: str,
+        spo2_scale: int,
+        limits: Limits,
+        ecg_window_s: float,
+        start_seq: int = 0,
+        patient_id: str = "",
+    ) -> None:
+        self.session_id = session_id
+        self.spo2_scale = SpO2Scale(spo2_scale if spo2_scale in (1, 2) else 1)
+        self.limits = limits
+        self.patient_id = patient_id
+        # A session placed here after another edge resumes after what the archive holds.
+        self.watermark = Watermark(start_seq)
+        self.archived_seq = start_seq
+        self.latest = LatestVitals()
+        self.news2: News2Score | None = None
+        self.news2_unix_ns = 0
+        self.news2_seq = 0
+        self.last_event: dict[str, Event] = {}
+        self.fanout: Fanout[Event] = Fanout()
+        self._ecg_window_s = ecg_window_s
+        self._ecg: RPeakDetector | None = None
+        self._derived_at_ns = 0
+        self._hr_disagreeing = False
+        self.released: str | None = None
+        self.publishers = 0
+
+    # -- ingest -------------------------------------------------------------------------
+
+    def ingest(self, batch: vitals_pb2.VitalsBatch, now_ns: int) -> IngestResult:
+        """admit() then process(): for callers that need no journal in between."""
+        result = self.admit(batch)
+        if result.accepted:
+            self.process(batch, now_ns, result.waveforms)
+        return result
+
+    def admit(self, batch: vitals_pb2.VitalsBatch) -> IngestResult:
+        """Validate and dedup one batch. An accepted batch is marked received at once, so a
+        racing copy on another stream is a duplicate; the caller journals it, then process()."""
+        if batch.seq == 0:
+            return IngestResult(
+                accepted=False,
+                rejection=InvalidArgument("seq must start at 1 and increase by one per batch"),
+            )
+        if self.watermark.seen(batch.seq):
+            return IngestResult(accepted=False, duplicate=True)
+        try:
+            arrays = validate_batch(batch, self.limits)
+            check_ahead(self.watermark, batch.seq)
+        except DomainError as e:
+            # The seq is consumed so the device moves on; nothing of the batch is kept.
+            self.watermark.add(batch.seq)
+            return IngestResult(accepted=False, rejection=e)
+        self.watermark.add(batch.seq)
+        return IngestResult(accepted=True, waveforms=tuple(arrays))
+
+    def process(
+        self,
+        batch: vitals_pb2.VitalsBatch,
+        now_ns: int,
+        waveforms: tuple[npt.NDArray[np.float32], ...] = (),
+    ) -> None:
+        """Score and fan out an admitted (and journaled) batch."""
+        events = [Event(session_id=self.session_id, edge_received_unix_ns=now_ns, batch=batch)]
+        if batch.vitals:
+            for v in batch.vitals:
+                self.latest.update(
+                    device_time_unix_ns=v.device_time_unix_ns,
+                    heart_rate_bpm=v.heart_rate_bpm if v.HasField("heart_rate_bpm") else None,
+                    spo2_percent=v.spo2_percent if v.HasField("spo2_percent") else None,
+                    respiration_rate_bpm=v.respiration_rate_bpm
+                    if v.HasField("respiration_rate_bpm")
+                    else None,
+                    systolic_mmhg=v.systolic_mmhg if v.HasField("systolic_mmhg") else None,
+                    temperature_c=v.temperature_c if v.HasField("temperature_c") else None,
+                    consciousness=int(v.consciousness),
+                    oxygen_support=int(v.oxygen_support),
+                )
+            events.extend(self._score(batch.seq, now_ns))
+        for i, w in enumerate(batch.waveforms):
+            if w.kind == vitals_pb2.WAVEFORM_KIND_ECG_LEAD_II:
+                samples = (
+                    waveforms[i]
+                    if i < len(waveforms)
+                    else np.fromiter(w.samples, np.float32, len(w.samples))
+                )
+                self._feed_ecg(w, samples)
+        if self._ecg is not None and now_ns - self._derived_at_ns >= DERIVED_HR_PERIOD_NS:
+            events.extend(self._derive_heart_rate(batch.seq, now_ns))
+        for ev in events:
+            self.fanout.publish(ev)
+
+    def _score(self, seq: int, now_ns: int) -> list[Event]:
+        prev = self.news2
+        score = compute_news2(self.latest, self.spo2_scale)
+        self.news2, self.news2_unix_ns, self.news2_seq = score, now_ns, seq
+        news2 = vitals_pb2.News2Update(
+            seq=seq,
+            total=score.total,
+            band=int(score.band),  # type: ignore[arg-type]
+            parameters=[
+                vitals_pb2.ParameterScore(
+                    parameter=p.parameter,
+                    score=p.score,
+                    value=p.value,
+                    measured_unix_ns=p.measured_unix_ns,
+                )
+                for p in score.parameters
+            ],
+            spo2_scale=int(self.spo2_scale),  # type: ignore[arg-type]
+            complete=score.complete,
+            computed_unix_ns=now_ns,
+        )
+        out = [
+            self._remember(
+                Event(session_id=self.session_id, edge_received_unix_ns=now_ns, news2=news2)
+            )
+        ]
+        prev_band = prev.band if prev is not None else RiskBand.UNSPECIFIED
+        # The first score only alerts when it is already above low: a new view is not news.
+        if score.band != prev_band and (prev is not None or score.band > RiskBand.LOW):
+            out.append(
+                self._alert(
+                    seq,
+                    now_ns,
+                    vitals_pb2.ALERT_KIND_BAND_CHANGED,
+                    prev_band,
+                    score.band,
+                    f"NEWS2 {score.total}: risk {prev_band.name.lower()} -> "
+                    f"{score.band.name.lower()}",
+                )
+            )
+        prev_red = {p.parameter for p in prev.parameters if p.score == 3} if prev else set()
+        for p in score.parameters:
+            if p.score == 3 and p.parameter not in prev_red:
+                out.append(
+                    self._alert(
+                        seq,
+                        now_ns,
+                        vitals_pb2.ALERT_KIND_SINGLE_PARAMETER_RED,
+                        score.band,
+                        score.band,
+                        f"{p.parameter} scores 3 (value {p.value:g})",
+                    )
+                )
+        return out
+
+    def _alert(
+        self, seq: int, now_ns: int, kind: int, prev: RiskBand, band: RiskBand, message: str
+    ) -> Event:
+        return self._remember(
+            Event(
+                session_id=self.session_id,
+                edge_received_unix_ns=now_ns,
+                alert=vitals_pb2.Alert(
+                    seq=seq,
+                    kind=kind,  # type: ignore[arg-type]
+                    previous_band=int(prev),  # type: ignore[arg-type]
+                    band=int(band),  # type: ignore[arg-type]
+                    message=message,
+                    raised_unix_ns=now_ns,
+                ),
+            )
+        )
+
+    def _feed_ecg(self, w: vitals_pb2.WaveformChunk, samples: npt.NDArray[np.float32]) -> None:
+        if self._ecg is None or self._ecg.sample_rate_hz != w.sample_rate_hz:
+            self._ecg = RPeakDetector(w.sample_rate_hz, window_s=self._ecg_window_s)
+        self._ecg.feed(samples, w.start_time_unix_ns)
+
+    def _derive_heart_rate(self, seq: int, now_ns: int) -> list[Event]:
+        assert self._ecg is not None
+        self._derived_at_ns = now_ns
+        bpm, peaks = self._ecg.heart_rate_bpm()
+        if bpm is None:
+            return []
+        device = self.latest.heart_rate_bpm
+        device_bpm = device.value if device is not None else 0.0
+        out = [
+            self._remember(
+                Event(
+                    session_id=self.session_id,
+                    edge_received_unix_ns=now_ns,
+                    derived_heart_rate=vitals_pb2.DerivedHeartRate(
+                        seq=seq,
+                        ecg_heart_rate_bpm=bpm,
+                        device_heart_rate_bpm=device_bpm,
+                        r_peaks=peaks,
+                        computed_unix_ns=now_ns,
+                    ),
+                )
+            )
+        ]
+        disagree = device is not None and abs(bpm - device_bpm) > HR_DISAGREEMENT_BPM
+        if disagree and not self._hr_disagreeing:
+            band = self.news2.band if self.news2 else RiskBand.UNSPECIFIED
+            out.append(
+                self._alert(
+                    seq,
+                    now_ns,
+                    vitals_pb2.ALERT_KIND_HEART_RATE_DISAGREES,
+                    band,
+                    band,
+                    f"ECG heart rate {bpm:.0f} bpm vs device {device_bpm:.0f} bpm: check the sensor",
+                )
+            )
+        self._hr_disagreeing = disagree
+        return out
+
+    def _remember(self, ev: Event) -> Event:
+        self.last_event[ev.WhichOneof("event") or ""] = ev
+        return ev
+
+    # -- subscribers ----------------------------------------------------------------------
+
+    def subscribe(self, sub: Subscriber[Event], include_latest: bool) -> None:
+        if include_latest:
+            for kind in ("news2", "derived_heart_rate", "alert"):
+                if kind in self.last_event:
+                    sub.offer(self.last_event[kind])
+        self.fanout.add(sub)
+
+    def release(self, reason: str) -> None:
+        self.released = reason
+        self.fanout.close_all(reason)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self.fanout.subscribers)

@@ -1,0 +1,161 @@
+"""gRPC edge of the vitals pipeline: Publish (device) and Subscribe (clinician)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from edge_nodes.journal import Journal, JournalError
+from edge_nodes.vitals.fanout import Subscriber, SubscriberClosed
+from edge_nodes.vitals.pipeline import Event, SessionChannel
+from edge_nodes.vitals.sessions import EdgeSessions
+from telehealth.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
+from telehealth.rpc import Context, status_of, token_from
+from telehealth.security.tokens import SessionClaims, TokenVerifier
+from telehealth.telemetry.metrics import EdgeMetrics
+from telehealth.v1 import vitals_pb2, vitals_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class VitalsServicer(vitals_pb2_grpc.VitalsServiceServicer):
+    def __init__(
+        self,
+        sessions: EdgeSessions,
+        verifier: TokenVerifier,
+        metrics: EdgeMetrics,
+        subscriber_queue: int,
+        journal: Journal,
+    ) -> None:
+        self._journal = journal
+        self._sessions = sessions
+        self._verifier = verifier
+        self._metrics = metrics
+        self._subscriber_queue = subscriber_queue
+
+    def _claims(self, context: Context, session_id: str, roles: tuple[str, ...]) -> SessionClaims:
+        if not self._verifier.has_keys:
+            raise Unavailable("edge has not yet received token keys from the core; retry shortly")
+        return self._verifier.verify(
+            token_from(context.invocation_metadata()), session_id=session_id, roles=roles
+        )
+
+    async def Publish(
+        self,
+        request_iterator: AsyncIterator[vitals_pb2.PublishVitalsRequest],
+        context: Context,
+    ) -> AsyncIterator[vitals_pb2.PublishVitalsResponse]:
+        channel: SessionChannel | None = None
+        last_seq = 0
+        m = self._metrics
+        try:
+            async for req in request_iterator:
+                batch = req.batch
+                if channel is None:
+                    if not batch.session_id:
+                        raise InvalidArgument("batch.session_id must be set")
+                    claims = self._claims(context, batch.session_id, ("publisher",))
+                    channel = await self._sessions.channel_for(claims)
+                    channel.publishers += 1
+                    m.publishers.inc()
+                    self._sessions.report_now.set()
+                    log.info(
+                        "publisher connected",
+                        extra={"session": channel.session_id, "edge": self._sessions.edge_id},
+                    )
+                elif batch.session_id != channel.session_id:
+                    raise PermissionDenied(
+                        f"this stream publishes session {channel.session_id}, "
+                        f"not {batch.session_id}"
+                    )
+                if channel.released is not None:
+                    raise FailedPrecondition(channel.released)
+                if 0 < batch.seq < last_seq and not channel.watermark.seen(batch.seq):
+                    raise InvalidArgument(
+                        f"seq went backwards on this stream ({batch.seq} after {last_seq}); "
+                        f"resume from {channel.watermark.value + 1} on a new stream"
+                    )
+                last_seq = max(last_seq, batch.seq)
+                result = channel.admit(batch)
+                if result.accepted:
+                    now = time.time_ns()
+                    try:
+                        await self._journal.append(
+                            channel.session_id, channel.patient_id, batch.seq, now, batch
+                        )
+                    except JournalError as e:
+                        # What the channel believes received is no longer true: forget it,
+                        # the device resends from the archived watermark.
+                        self._sessions.channels.pop(channel.session_id, None)
+                        raise Unavailable(f"edge journal failed ({e}); reconnect") from e
+                    channel.process(batch, now, result.waveforms)
+                resp = vitals_pb2.PublishVitalsResponse(
+                    session_id=channel.session_id,
+                    received_seq=channel.watermark.value,
+                    archived_seq=channel.archived_seq,
+                )
+                if result.accepted:
+                    m.batches_accepted.inc()
+                elif result.duplicate:
+                    m.batches_duplicate.inc()
+                    resp.duplicates_dropped = 1
+                elif result.rejection is not None:
+                    m.batches_rejected.inc()
+                    err = result.rejection
+                    resp.rejection.seq = batch.seq
+                    resp.rejection.code = status_of(err).value[0]
+                    resp.rejection.message = err.message
+                    log.info(
+                        "batch rejected",
+                        extra={
+                            "session": channel.session_id,
+                            "seq": batch.seq,
+                            "reason": err.message,
+                        },
+                    )
+                yield resp
+        finally:
+            if channel is not None:
+                channel.publishers -= 1
+                m.publishers.dec()
+
+    async def Subscribe(
+        self, request: vitals_pb2.SubscribeVitalsRequest, context: Context
+    ) -> AsyncIterator[vitals_pb2.SubscribeVitalsResponse]:
+        if not request.session_id:
+            raise InvalidArgument("session_id must be set")
+        claims = self._claims(context, request.session_id, ("viewer",))
+        channel = await self._sessions.channel_for(claims)
+        m = self._metrics
+        sub: Subscriber[Event] = Subscriber(
+            self._subscriber_queue, on_drop=lambda n: m.fanout_dropped.inc(n)
+        )
+        channel.subscribe(sub, request.include_latest)
+        m.subscribers.inc()
+        log.info("subscriber joined", extra={"session": channel.session_id})
+        try:
+            while True:
+                try:
+                    dropped, events = await sub.take()
+                except SubscriberClosed as closed:
+                    raise FailedPrecondition(closed.reason) from None
+                if dropped:
+                    yield vitals_pb2.SubscribeVitalsResponse(
+                        session_id=channel.session_id,
+                        edge_received_unix_ns=time.time_ns(),
+                        gap=vitals_pb2.SubscriptionGap(
+                            dropped_events=dropped,
+                            reason="subscriber fell behind; oldest events dropped",
+                        ),
+                    )
+                for ev in events:
+                    if ev.HasField("batch"):
+                        m.sample_age.observe(
+                            max(0.0, (time.time_ns() - ev.batch.device_time_unix_ns) / 1e9)
+                        )
+                    yield ev
+                    m.events_out.inc()
+        finally:
+            channel.fanout.remove(sub)
+            m.subscribers.dec()
