@@ -1,0 +1,1 @@
+"""Programs people run: device agent, operator and clinician CLI, local mesh launcher."""

@@ -1,0 +1,177 @@
+"""telehealth-ctl's security commands: pki init, login, users add/assign, audit verify."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+
+from core_services.audit.store import SqlAuditLog
+from core_services.auth.users import UserStore
+from core_services.store import SqlStore
+from telehealth.config import CoreSettings
+from telehealth.security.pki import DEFAULT_CLIENTS, DEFAULT_HOSTS, init_pki
+from telehealth.v1 import auth_pb2, auth_pb2_grpc
+
+TOKEN_ENV = "TELEHEALTH_TOKEN"
+
+
+def token_path() -> Path:
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "telehealth" / "token"
+
+
+def saved_token() -> str:
+    """The login token: TELEHEALTH_TOKEN wins, then the file `telehealth-ctl login` wrote."""
+    env = os.environ.get(TOKEN_ENV, "")
+    if env:
+        return env
+    try:
+        return token_path().read_text().strip()
+    except OSError:
+        return ""
+
+
+class BearerInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
+):
+    """Adds the login token to every call that does not carry its own authorization."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def _details(self, d: Any) -> Any:
+        md = list(d.metadata or [])
+        if not any(k == "authorization" for k, _ in md):
+            md.append(("authorization", f"Bearer {self._token}"))
+        return d._replace(metadata=grpc.aio.Metadata(*md))
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+def _database_url(ns: argparse.Namespace) -> str:
+    if ns.database_url:
+        return str(ns.database_url)
+    return CoreSettings(data_dir=Path(ns.data_dir)).resolved_database_url()
+
+
+def _password(ns: argparse.Namespace) -> str:
+    if ns.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    if os.environ.get("TELEHEALTH_PASSWORD"):
+        return os.environ["TELEHEALTH_PASSWORD"]
+    return getpass.getpass(f"password for {ns.user}: ")
+
+
+async def cmd_pki(ns: argparse.Namespace, out: TextIO) -> int:
+    edges = [e for e in ns.edges.split(",") if e]
+    files = init_pki(
+        Path(ns.dir),
+        services=["core", *edges],
+        clients=list(DEFAULT_CLIENTS),
+        hosts=[*DEFAULT_HOSTS, *[h for h in ns.hosts.split(",") if h]],
+    )
+    out.write(f"CA and {len(files)} certificate(s) in {ns.dir} (existing files kept)\n")
+    for name, f in files.items():
+        out.write(f"  {name:<10} {f.cert}\n")
+    return 0
+
+
+async def cmd_users(ns: argparse.Namespace, out: TextIO) -> int:
+    store = SqlStore(_database_url(ns))
+    await store.start()
+    try:
+        users = UserStore(store.engine)
+        if ns.users_command == "add":
+            await users.add_user(ns.user, ns.role, _password(ns))
+            out.write(f"user {ns.user} added ({ns.role})\n")
+        else:
+            for patient in ns.patients:
+                await users.assign(ns.user, patient)
+            out.write(f"{ns.user} assigned {len(ns.patients)} patient(s)\n")
+    finally:
+        await store.close()
+    return 0
+
+
+async def cmd_audit(ns: argparse.Namespace, out: TextIO) -> int:
+    store = SqlStore(_database_url(ns))
+    await store.start()
+    try:
+        checked, problems = await SqlAuditLog(store.engine).verify()
+    finally:
+        await store.close()
+    if not problems:
+        out.write(f"audit chain intact: {checked} entries\n")
+        return 0
+    for p in problems:
+        out.write(f"TAMPERED {p}\n")
+    out.write(f"audit chain broken: {len(problems)} problem(s) in {checked} entries\n")
+    return 1
+
+
+async def cmd_login(ch: grpc.aio.Channel, ns: argparse.Namespace, out: TextIO) -> int:
+    stub = auth_pb2_grpc.AuthServiceStub(ch)
+    resp = await stub.Login(
+        auth_pb2.LoginRequest(user_id=ns.user, password=_password(ns)), timeout=10
+    )
+    path = token_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text(resp.token + "\n")
+    out.write(f"logged in as {resp.user_id} ({resp.role}); token saved to {path}\n")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    pki = sub.add_parser("pki", help="local certificate authority for the dev mesh")
+    pki_sub = pki.add_subparsers(dest="pki_command", required=True)
+    init = pki_sub.add_parser("init", help="create the CA and certificates (keeps existing ones)")
+    init.add_argument("--dir", default="var/pki", help="where the PEM files go")
+    init.add_argument("--edges", default="edge-a,edge-b,edge-c", help="edge ids to certify")
+    init.add_argument("--hosts", default="", help="extra SANs for server certificates")
+    login = sub.add_parser("login", help="log in (clinician or operator) and save the token")
+    login.add_argument("user", help="user id")
+    login.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    for name, helptext in (
+        ("users", "manage clinicians, operators and assignments (on the core's database)"),
+        ("audit", "check the audit log's hash chain (on the core's database)"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--database-url", default="", help="the core's database URL")
+        p.add_argument("--data-dir", default="var", help="the core's data_dir (SQLite default)")
+        if name == "users":
+            us = p.add_subparsers(dest="users_command", required=True)
+            add = us.add_parser("add", help="add a user")
+            add.add_argument("user")
+            add.add_argument("--role", choices=("clinician", "operator"), required=True)
+            add.add_argument("--password-stdin", action="store_true")
+            assign = us.add_parser("assign", help="assign patients to a clinician")
+            assign.add_argument("user")
+            assign.add_argument("patients", nargs="+", help="pseudonymous patient ids")
+        else:
+            a = p.add_subparsers(dest="audit_command", required=True)
+            a.add_parser("verify", help="exit 1 and name every edited or deleted entry")
+
+
+LOCAL = {"pki": cmd_pki, "users": cmd_users, "audit": cmd_audit}
+
+
+def run_local(ns: argparse.Namespace, out: TextIO) -> int:
+    return asyncio.run(LOCAL[ns.command](ns, out))
+
+
+def local_commands() -> Sequence[str]:
+    return tuple(LOCAL)

@@ -1,0 +1,300 @@
+"""Video for programs: camera, file or synthetic-face tracks, and a WebRTC call to the edge.
+
+The device agent publishes with it (--video), the clinician side of tests and the video bench
+watch with it. Signalling is MediaService.Negotiate on the edge's gRPC address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import grpc
+import numpy as np
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.contrib.media import MediaPlayer
+from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
+from av import VideoFrame
+from av.frame import Frame
+from av.packet import Packet
+
+from edge_nodes.vision.synthetic import SyntheticFace, read_frame_counter
+from telehealth.rpc import bearer
+from telehealth.v1 import media_pb2, media_pb2_grpc, sessions_pb2
+
+log = logging.getLogger(__name__)
+VIDEO_CLOCK = fractions.Fraction(1, 90_000)
+
+
+class PacedVideoTrack(MediaStreamTrack):
+    """Frames from a function of the frame index, paced in real time at fps."""
+
+    kind = "video"
+
+    def __init__(self, make: Callable[[int], Any], fps: float = 30.0) -> None:
+        super().__init__()
+        self._make = make
+        self.fps = fps
+        self._start: float | None = None
+        self.index = 0
+        # When each frame index was handed to the encoder: the latency bench reads it back.
+        self.sent_at: dict[int, float] = {}
+
+    async def recv(self) -> Frame | Packet[Any]:
+        if self.readyState != "live":
+            raise MediaStreamError
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        due = self._start + self.index / self.fps
+        if due > now:
+            await asyncio.sleep(due - now)
+        i = self.index
+        self.index += 1
+        img = await asyncio.get_running_loop().run_in_executor(None, self._make, i)
+        frame = VideoFrame.from_ndarray(img, format="bgr24")
+        frame.pts = round(i * 90_000 / self.fps)
+        frame.time_base = VIDEO_CLOCK
+        self.sent_at[i] = time.monotonic()
+        if len(self.sent_at) > 4096:
+            self.sent_at.pop(next(iter(self.sent_at)))
+        return frame
+
+
+def synthetic_track(
+    pulse_bpm: float = 72.0,
+    width: int = 640,
+    height: int = 480,
+    fps: float = 30.0,
+    label_frames: bool = False,
+) -> PacedVideoTrack:
+    """A synthetic patient face whose skin pulses at pulse_bpm (what --video synthetic sends)."""
+    clip = SyntheticFace(
+        pulse_bpm=pulse_bpm, width=width, height=height, fps=fps, label_frames=label_frames
+    )
+    return PacedVideoTrack(clip.frame, fps)
+
+
+class CameraTrack(PacedVideoTrack):
+    """A local camera through OpenCV (index like 0, or a device path)."""
+
+    def __init__(self, device: int | str = 0, fps: float = 30.0) -> None:
+        self._cap = cv2.VideoCapture(device)
+        if not self._cap.isOpened():
+            raise RuntimeError(f"cannot open camera {device!r}")
+        super().__init__(self._read, fps)
+
+    def _read(self, _: int) -> Any:
+        ok, img = self._cap.read()
+        if not ok:
+            raise MediaStreamError
+        return img
+
+    def stop(self) -> None:
+        super().stop()
+        self._cap.release()
+
+
+def video_source(spec: str) -> tuple[MediaStreamTrack | None, MediaStreamTrack | None]:
+    """(video, audio) for --video camera[:N] | file:PATH | synthetic[:BPM]."""
+    kind, _, arg = spec.partition(":")
+    if kind == "camera":
+        return CameraTrack(int(arg) if arg.isdigit() else (arg or 0)), AudioStreamTrack()
+    if kind == "file":
+        player = MediaPlayer(arg, loop=True)
+        return player.video, player.audio or AudioStreamTrack()
+    if kind == "synthetic":
+        return synthetic_track(float(arg or 72.0)), AudioStreamTrack()
+    raise ValueError(f"--video must be camera[:N], file:PATH or synthetic[:BPM], not {spec!r}")
+
+
+@dataclass
+class Received:
+    """What a call received of one video track."""
+
+    frames: int = 0
+    width: int = 0
+    height: int = 0
+    first_at: float = 0.0
+    last_at: float = 0.0
+    # (frame counter read from the pixels, monotonic arrival time)
+    counters: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def fps(self) -> float:
+        span = self.last_at - self.first_at
+        return (self.frames - 1) / span if self.frames > 1 and span > 0 else 0.0
+
+
+class MediaCall:
+    """One program's call to its edge: send tracks, receive the other side's, hang up."""
+
+    def __init__(
+        self,
+        edge_address: str,
+        session_id: str,
+        token: str,
+        role: int,
+        video: MediaStreamTrack | None = None,
+        audio: MediaStreamTrack | None = None,
+        read_counters: bool = False,
+    ) -> None:
+        self.edge_address = edge_address
+        self.session_id = session_id
+        self._token = token
+        self.role = role
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.video = video
+        self.audio = audio
+        self.received = Received()
+        self.audio_frames = 0
+        self.call_id = ""
+        self.answer_sdp = ""
+        self._read_counters = read_counters
+        self._tasks: list[asyncio.Task[None]] = []
+        self._channel: grpc.aio.Channel | None = None
+        self.pc.add_listener("track", self._on_track)
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        self._tasks.append(asyncio.ensure_future(self._consume(track)))
+
+    async def _consume(self, track: MediaStreamTrack) -> None:
+        r = self.received
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                frame = await track.recv()
+                # Like a browser, show the newest frame: a slow reader must not add delay.
+                queue = getattr(track, "_queue", None)
+                while isinstance(queue, asyncio.Queue) and queue.qsize() > 0:
+                    newer = queue.get_nowait()
+                    if newer is None:
+                        raise MediaStreamError
+                    frame = newer
+            except MediaStreamError:
+                return
+            if isinstance(frame, VideoFrame):
+                now = time.monotonic()
+                r.frames += 1
+                r.width, r.height = frame.width, frame.height
+                r.first_at = r.first_at or now
+                r.last_at = now
+                if self._read_counters:
+                    img = await loop.run_in_executor(None, _gray, frame)
+                    r.counters.append((read_frame_counter(img), now))
+            else:
+                self.audio_frames += 1
+
+    async def offer(self) -> str:
+        """Add tracks (or receive-only transceivers) and return the complete local offer."""
+        pc = self.pc
+        for kind, track in (("audio", self.audio), ("video", self.video)):
+            if track is not None:
+                pc.addTrack(track)
+            else:
+                pc.addTransceiver(kind, direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        return pc.localDescription.sdp
+
+    async def start(self, timeout: float = 10.0) -> media_pb2.NegotiateMediaResponse:
+        offer = await self.offer()
+        self._channel = grpc.aio.insecure_channel(self.edge_address)
+        stub = media_pb2_grpc.MediaServiceStub(self._channel)
+        resp: media_pb2.NegotiateMediaResponse = await stub.Negotiate(
+            media_pb2.NegotiateMediaRequest(
+                session_id=self.session_id,
+                role=self.role,  # type: ignore[arg-type]
+                offer_sdp=offer,
+            ),
+            metadata=bearer(self._token),
+            timeout=timeout,
+        )
+        self.call_id = resp.call_id
+        self.answer_sdp = resp.answer_sdp
+        await self.pc.setRemoteDescription(RTCSessionDescription(resp.answer_sdp, "answer"))
+        return resp
+
+    async def hangup(self) -> None:
+        if self._channel is not None and self.call_id:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await media_pb2_grpc.MediaServiceStub(self._channel).Hangup(
+                    media_pb2.HangupMediaRequest(session_id=self.session_id, call_id=self.call_id),
+                    metadata=bearer(self._token),
+                    timeout=5.0,
+                )
+        await self.close()
+
+    async def close(self) -> None:
+        """Close without telling the edge (a device that vanishes)."""
+        await self.pc.close()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+
+def _gray(frame: VideoFrame) -> Any:
+    return np.asarray(frame.to_ndarray(format="gray"))
+
+
+PUBLISHER = sessions_pb2.ROLE_PUBLISHER
+VIEWER = sessions_pb2.ROLE_VIEWER
+
+
+async def publish_video(agent: Any, spec: str, stop: asyncio.Event) -> None:
+    """Keep the device agent's camera (or file, or synthetic face) in a call with its edge.
+
+    Follows the agent's assignment: when the session moves to another edge, the call is made
+    again there with the new token.
+    """
+    await agent.opened.wait()
+    while not stop.is_set():
+        a = agent.assignment
+        video, audio = video_source(spec)
+        call = MediaCall(a.edge_address, agent.session_id, a.token, PUBLISHER, video, audio)
+        try:
+            await call.start()
+            log.info(
+                "video call started", extra={"session": agent.session_id, "call": call.call_id}
+            )
+            while (
+                not stop.is_set() and agent.assignment is a and call.pc.connectionState != "failed"
+            ):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+        except grpc.aio.AioRpcError as e:
+            log.warning("video call refused", extra={"code": e.code().name, "detail": e.details()})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 2.0)
+        finally:
+            await call.hangup()
+            if video is not None:
+                video.stop()
+
+
+async def run_with_video(
+    agents: list[Any], spec: str, stop: asyncio.Event, duration_s: float
+) -> None:
+    """Run device agents (vitals) with a video call each, until stop or duration."""
+    if duration_s > 0:
+        asyncio.get_running_loop().call_later(duration_s, stop.set)
+    videos = [asyncio.create_task(publish_video(a, spec, stop)) for a in agents]
+    try:
+        await asyncio.gather(*(a.run(stop, duration_s) for a in agents))
+    finally:
+        stop.set()
+        await asyncio.gather(*videos, return_exceptions=True)
