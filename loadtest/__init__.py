@@ -1,0 +1,1 @@
+"""Load tests and benchmarks: simulated patients and clinicians, peer baselines, reports."""

@@ -1,0 +1,405 @@
+"""telehealth-bench (`make bench`): the fixed benchmark suite, its report and the README table.
+
+The suite, in one run against one set of systems under test:
+1. issue 2: 100 and 500 patients x 25 batches/s (40 ms ECG at 250 Hz, vitals 1/s), one
+   subscriber each, on the edge, the bare echo and Mosquitto QoS 0 / QoS 1;
+2. maximum sustainable batches/s with p99 under 50 ms, edge and echo, by a step ramp with
+   bisection (scenario `ramp-to-saturation`);
+3. placement: SessionsService.Open latency with 1,000 edges and 100,000 live sessions.
+4. video (issue 3, EXTRA_SECTIONS): glass-to-glass latency through an edge process against a
+   direct aiortc call, fps, the edge's CPU per call, calls per edge at >= 25 fps, build-up.
+Failover scenarios (issue 7) are to be added to SUITE as they land.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from loadtest import failover
+from loadtest.host import machine_info
+from loadtest.placement import run_placement
+from loadtest.plots import all_plots
+from loadtest.report import (
+    Goal,
+    base_report,
+    copy_latest,
+    fmt_ms,
+    goals_table,
+    machine_line,
+    markdown_table,
+    path_figures,
+    rows_of,
+    summary_table,
+    update_readme,
+    write_html,
+    write_json,
+)
+from loadtest.runner import RunContext, run_scenario
+from loadtest.scenario import PATHS, Scenario, load_scenario
+from loadtest.video import bench_section as video_section
+from loadtest.video import goals as video_goals
+from loadtest.video import readme_lines as video_readme_lines
+
+ISSUE2 = Scenario(
+    name="issue2",
+    description="patients x 25 batches/s (40 ms ECG at 250 Hz + vitals 1/s), 1 subscriber each",
+    batch_rate_hz=25,
+    ecg_hz=250,
+    vitals_rate_hz=1,
+    subscribers_per_patient=1,
+    duration_s=15,
+    ramp_s=2,
+    # The edge last: an overloaded edge keeps working off its backlog (archive replication)
+    # for a while, which would land on the peers sharing its CPU.
+    paths=("echo", "mqtt-qos0", "mqtt-qos1", "edge"),
+    connections=8,
+)
+LOADS = (100, 500)
+P99_GOAL_MS = 20.0
+RATIO_GOAL = 0.70
+# Where the video and failover scenarios of issue 7 go. Scenario runs: (scenario file or
+# name, patients override or 0); their rows join the table. Sections: name -> coroutine run
+# after the vitals suite (systems under test still up), its dict kept as figures[name].
+SUITE_EXTRA: list[tuple[str, int]] = []
+BenchSection = Callable[[RunContext], Awaitable[dict[str, Any]]]
+EXTRA_SECTIONS: dict[str, BenchSection] = {"video": video_section}
+
+
+async def _failover_section(ctx: RunContext) -> dict[str, Any]:
+    # The vitals systems are idle; stop them so the failover mesh has the machine.
+    ctx.systems.stop()
+    print("[failover] kill -9 an edge under 20 patients, zone change, drain ...", file=sys.stderr)
+    return await failover.measure(ctx.work_dir)
+
+
+EXTRA_SECTIONS["failover"] = _failover_section
+
+
+def _row(rows: Sequence[dict[str, Any]], label: str, patients: int) -> dict[str, Any] | None:
+    for r in rows:
+        if r["label"] == label and r["patients"] == patients and not r.get("bisect"):
+            return r
+    return None
+
+
+def max_sustainable(rows: Sequence[dict[str, Any]], label: str) -> dict[str, Any]:
+    """The highest passing load below the lowest load at which every attempt failed."""
+    mine = [r for r in rows if r["label"] == label and "passes" in r]
+    passed_levels = {r["patients"] for r in mine if r["passes"]}
+    failed = [r for r in mine if r["patients"] not in passed_levels]
+    first_fail = min(failed, key=lambda r: r["target_batches_per_s"], default=None)
+    ceiling = first_fail["patients"] if first_fail else math.inf
+    passing = [r for r in mine if r["passes"] and r["patients"] < ceiling]
+    best = max(passing, key=lambda r: r["target_batches_per_s"], default=None)
+    return {
+        "batches_per_s": best["target_batches_per_s"] if best else 0.0,
+        "patients": best["patients"] if best else 0,
+        "p99_ms_there": best["latency_ms"]["p99"] if best else 0.0,
+        "first_failing_batches_per_s": first_fail["target_batches_per_s"] if first_fail else 0.0,
+        "steps_run": sum(1 for r in rows if r["label"] == label),
+    }
+
+
+def figures_and_goals(
+    rows: Sequence[dict[str, Any]], ramp_rows: Sequence[dict[str, Any]], placement: dict[str, Any]
+) -> tuple[dict[str, Any], list[Goal]]:
+    figs: dict[str, Any] = {"issue2": {}}
+    goals: list[Goal] = []
+    for n in LOADS:
+        edge, echo = _row(rows, "edge", n), _row(rows, "echo", n)
+        f: dict[str, Any] = {}
+        for label in PATHS:
+            r = _row(rows, label, n)
+            if r is not None:
+                f[label] = {
+                    "latency_ms": {k: r["latency_ms"][k] for k in ("p50", "p99", "p999", "max")},
+                    "delivered_batches_per_s": round(r["delivered_batches_per_s"], 1),
+                    "offered_batches_per_s": round(r["offered_batches_per_s"], 1),
+                    "sent": r["sent"],
+                    "delivered": r["delivered"],
+                    "lost": r["lost"],
+                    "loss_ratio": r["loss_ratio"],
+                    "drops": r["drops"],
+                    "cpu_percent": {k: v["cpu_percent"] for k, v in r["cpu"].items()},
+                }
+        if edge and echo and echo["delivered_batches_per_s"] > 0:
+            f["edge_to_echo_throughput_ratio"] = round(
+                edge["delivered_batches_per_s"] / echo["delivered_batches_per_s"], 3
+            )
+        figs["issue2"][f"{n}_patients"] = f
+    e100, q1_100 = _row(rows, "edge", 100), _row(rows, "mqtt-qos1", 100)
+    if e100 is not None:
+        p99 = e100["latency_ms"]["p99"]
+        goals.append(
+            Goal(
+                "edge p99 at 100 patients",
+                f"< {P99_GOAL_MS:g} ms",
+                f"{fmt_ms(p99)} ms",
+                p99 < P99_GOAL_MS,
+            )
+        )
+        goals.append(
+            Goal(
+                "edge loss at 100 patients",
+                "0",
+                f"{e100['lost']} of {e100['expected']}",
+                e100["lost"] == 0,
+            )
+        )
+        if q1_100 is not None:
+            q = q1_100["latency_ms"]["p99"]
+            goals.append(
+                Goal(
+                    "edge p99 vs Mosquitto QoS 1 p99 (100 patients)",
+                    "edge <= QoS 1",
+                    f"{fmt_ms(p99)} vs {fmt_ms(q)} ms",
+                    p99 <= q,
+                )
+            )
+    for n in LOADS:
+        ratio = figs["issue2"][f"{n}_patients"].get("edge_to_echo_throughput_ratio")
+        goals.append(
+            Goal(
+                f"edge delivered/s as share of echo ({n} patients)",
+                f">= {RATIO_GOAL:.0%}",
+                "n/a" if ratio is None else f"{ratio:.0%}",
+                None if ratio is None else ratio >= RATIO_GOAL,
+            )
+        )
+    sat = {label: max_sustainable(ramp_rows, label) for label in ("edge", "echo")}
+    figs["max_sustainable_p99_under_50ms"] = sat
+    if sat["echo"]["batches_per_s"]:
+        r = sat["edge"]["batches_per_s"] / sat["echo"]["batches_per_s"]
+        figs["max_sustainable_edge_to_echo_ratio"] = round(r, 3)
+        goals.append(
+            Goal(
+                "edge max sustainable as share of echo's",
+                f">= {RATIO_GOAL:.0%}",
+                f"{sat['edge']['batches_per_s']:.0f} vs {sat['echo']['batches_per_s']:.0f} batches/s ({r:.0%})",
+                r >= RATIO_GOAL,
+            )
+        )
+    if placement:
+        figs["placement"] = placement
+        goals.append(
+            Goal(
+                "Open p99, 1,000 edges + 100,000 live sessions",
+                "report only",
+                f"{fmt_ms(placement['latency_ms']['p99'])} ms",
+                None,
+            )
+        )
+    return figs, goals  # fmt: skip
+
+
+def readme_body(report: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
+    figs = report["figures"]
+    sat = figs.get("max_sustainable_p99_under_50ms", {})
+    lines = [
+        "## Benchmarks",
+        "",
+        f"`make bench`, {report['started_utc']} ({report['elapsed_s']:.0f} s). "
+        f"{machine_line(report)}.",
+        "",
+        markdown_table(summary_table(rows)),
+        "",
+        "Maximum sustainable batches/s with p99 under 50 ms: "
+        + ", ".join(
+            f"{k} {v['batches_per_s']:.0f} ({v['patients']} patient{'s' * (v['patients'] != 1)})"
+            for k, v in sat.items()
+        )
+        + ".",
+    ]
+    if "placement" in figs:
+        p = figs["placement"]
+        lines.append(
+            f"Placement: Open p50 {fmt_ms(p['latency_ms']['p50'])} ms, "
+            f"p99 {fmt_ms(p['latency_ms']['p99'])} ms with {p['edges']} edges and "
+            f"{p['live_sessions']} live sessions."
+        )
+    if "failover" in figs:
+        f = figs["failover"]
+        lines.append(
+            f"Failover (kill -9 of the edge under {f['patients']} patients): gap p50 "
+            f"{f['edge_kill_gap']['p50_s'] * 1000:.0f} ms, max "
+            f"{f['edge_kill_gap']['max_s'] * 1000:.0f} ms (goal < 1 s); zone change "
+            f"(make-before-break) to first ack on the new edge p50 "
+            f"{f['zone_change_handover']['p50_s'] * 1000:.0f} ms, max "
+            f"{f['zone_change_handover']['max_s'] * 1000:.0f} ms; drain of "
+            f"{f['patients'] // 2} sessions {f['drain_rpc_s'] * 1000:.0f} ms, gap p50 "
+            f"{f['drain_gap']['p50_s'] * 1000:.0f} ms, max {f['drain_gap']['max_s'] * 1000:.0f} ms;"
+            f" {f['batches_sent']} batches sent, {f['batches_archived']} archived "
+            f"({f['lost']} lost)."
+        )
+    if "video" in figs:
+        lines += ["", *video_readme_lines(figs["video"])]
+    lines += [
+        "",
+        markdown_table(goals_table([Goal(**_g(g)) for g in report["goals"]])),
+        "",
+        "![latency CDF per path](results/latest-latency-cdf.png)",
+        "",
+        "Full report: [results/latest.html](results/latest.html) "
+        "(JSON: [results/latest.json](results/latest.json)). Latency is subscriber receipt "
+        "minus the batch's scheduled send time (open loop); `not sent` counts batches the "
+        "generator could not send in time (server push-back or generator CPU), `undelivered` "
+        "those sent but not received within the drain. Other work shared this machine during "
+        "the run (see the load average above), and figures vary between runs with it; the "
+        "JSON keeps the load average after every step.",
+    ]
+    return "\n".join(lines)
+
+
+def _g(d: dict[str, Any]) -> dict[str, Any]:
+    return {"name": d["goal"], "target": d["target"], "measured": d["measured"], "met": d["met"]}
+
+
+async def run_suite(
+    ctx: RunContext, duration_s: float, ramp_step_s: float, placement_opens: int, progress: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
+    """Run everything; returns (rows' results, ramp results, sections by name, scenarios)."""
+    results: list[dict[str, Any]] = []
+    scenarios: list[dict[str, Any]] = []
+    for n in LOADS:
+        sc = replace(ISSUE2, name=f"issue2-{n}", patients=n, duration_s=duration_s)
+        scenarios.append(sc.to_dict())
+        # Fresh systems per phase, so one phase's leftovers never load the next.
+        ctx.systems.stop()
+        results += await run_scenario(ctx, sc, progress)
+    ramp = replace(load_scenario("ramp-to-saturation"), duration_s=ramp_step_s)
+    scenarios.append(ramp.to_dict())
+    ctx.systems.stop()
+    ramp_results = await run_scenario(ctx, ramp, progress)
+    for name, patients in SUITE_EXTRA:
+        sc = load_scenario(name)
+        if patients:
+            sc = replace(sc, patients=patients)
+        scenarios.append(sc.to_dict())
+        results += await run_scenario(ctx, sc, progress)
+    extra: dict[str, Any] = {}
+    for section, run_section in EXTRA_SECTIONS.items():
+        extra[section] = await run_section(ctx)
+    # The mesh, echo and broker are idle now; stop them so placement has the SUT CPU alone.
+    ctx.systems.stop()
+    print("[placement] building 1,000 edges and 100,000 sessions ...", file=sys.stderr)
+    placement = await asyncio.to_thread(
+        run_placement, ctx.work_dir, ctx.pinning, 1000, 100_000, placement_opens
+    )
+    print(
+        f"[placement] Open p50 {placement['latency_ms']['p50']:.2f} ms, "
+        f"p99 {placement['latency_ms']['p99']:.2f} ms",
+        file=sys.stderr,
+    )
+    return results, ramp_results, {**extra, "placement": placement}, scenarios
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="telehealth-bench",
+        description="Run the fixed benchmark suite (edge vs bare gRPC echo vs Mosquitto QoS 0/1 "
+        "at 100 and 500 patients, saturation ramp, placement) in under 10 minutes; write "
+        "results/bench-<UTC>.json/.html/-*.png, results/latest.*, and the README table.",
+    )
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--readme", type=Path, default=Path("README.md"))
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per issue-2 run")
+    parser.add_argument("--ramp-step", type=float, default=6.0, help="seconds per ramp step")
+    parser.add_argument("--opens", type=int, default=500, help="Opens timed for placement")
+    parser.add_argument("--no-readme", action="store_true", help="leave README.md alone")
+    parser.add_argument(
+        "--readme-from",
+        type=Path,
+        metavar="REPORT_JSON",
+        help="only rewrite the README section from an existing bench report, then exit",
+    )
+    ns = parser.parse_args(argv)
+    if ns.readme_from:
+        report = json.loads(ns.readme_from.read_text())
+        main_rows = [r for r in report["runs"] if not r["name"].startswith("ramp:")]
+        update_readme(ns.readme, readme_body(report, main_rows))
+        return
+    started = time.time()
+    machine = machine_info()
+    progress = "tty" if sys.stderr.isatty() else "lines"
+    ctx = RunContext.create()
+    try:
+        results, ramp_results, sections, scenarios = asyncio.run(
+            run_suite(ctx, ns.duration, ns.ramp_step, ns.opens, progress)
+        )
+        systems = ctx.systems.describe()
+    finally:
+        ctx.close()
+    rows = rows_of(results)
+    ramp_rows = rows_of(ramp_results)
+    for r in ramp_rows:
+        r["name"] = f"ramp:{r['name']}"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
+    out: Path = ns.out
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = out / f"bench-{stamp}"
+    report = base_report(
+        title="telehealth-mesh benchmarks",
+        kind="bench",
+        machine=machine,
+        pinning=ctx.pinning.to_dict(),
+        systems=systems,
+        scenarios=scenarios,
+        rows=[*rows, *ramp_rows],
+        started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        elapsed_s=time.time() - started,
+        notes=[
+            "Placement is timed with one Open in flight at a time (service latency), after "
+            "one warm-up call; the 1,000 edges are registry entries kept alive by in-process "
+            "heartbeats, the 100,000 sessions rows loaded by the directory at start.",
+            "Saturation: a step passes with p99 under 50 ms, nothing lost and at least 98% "
+            "of the scheduled batches sent; two failing steps end the ramp, then two bisection "
+            "steps between the best pass and the first failure. A failing step is run once "
+            "more before it counts (the machine is shared); both attempts are in `runs`.",
+            "Systems under test are restarted between the 100-patient, 500-patient and ramp "
+            "phases; within a phase the edge runs last.",
+        ],
+    )
+    placement = sections.pop("placement")
+    figs, goals = figures_and_goals(rows, ramp_rows, placement)
+    if "video" in sections:
+        goals += video_goals(sections["video"])
+    report["figures"] = {**figs, **sections, "per_run": path_figures([*rows, *ramp_rows])}
+    report["goals"] = [g.to_dict() for g in goals]
+    rows_500 = [r for r in rows if r["patients"] == 500]
+    plots = all_plots(
+        prefix,
+        cdf_rows=rows,
+        load_rows=[*ramp_rows, *rows],
+        time_rows=rows_500 or rows,
+        drop_rows=[*rows, *ramp_rows],
+        cdf_title="Latency per path at 100 and 500 patients (25 batches/s each)",
+    )
+    report["plots"] = {k.strip("-").removesuffix(".png"): p.name for k, p in plots.items()}
+    write_json(report, Path(f"{prefix}.json"))
+    write_html(
+        report,
+        Path(f"{prefix}.html"),
+        {k.strip("-").removesuffix(".png"): p for k, p in plots.items()},
+    )
+    copy_latest({".json": Path(f"{prefix}.json"), ".html": Path(f"{prefix}.html"), **{
+        k: p for k, p in plots.items()}}, out)  # fmt: skip
+    if not ns.no_readme:
+        update_readme(ns.readme, readme_body(report, rows))
+    print(markdown_table(summary_table(rows)))
+    print()
+    print(markdown_table(goals_table(goals)))
+    print(f"\nreport: {prefix}.json, {prefix}.html; took {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1009 @@
+"""The load generator process: an open-loop swarm of patients and viewers against one path.
+
+Run by the runner as `python -m loadtest.generator SPEC.json OUT.json`, pinned to its own CPU.
+Every batch has a scheduled send time on the clock; senders never wait for acks, and latency
+is the subscriber's receipt time minus that scheduled time, so a stalled system shows up as
+latency instead of silently slowing the load (no coordinated omission). Both ends live in
+this process, so one monotonic clock (perf_counter_ns) times everything; wall time
+(time_ns) only fills the batches' device timestamps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+# Latencies are recorded in microseconds, from 1 us to 60 s, 3 significant digits.
+HIST_MAX_US = 60_000_000
+# Longest wait for late deliveries after the last send while they are still arriving.
+DRAIN_MAX_S = 10.0
+
+
+def new_histogram(digits: int = 3) -> Any:
+    return HdrHistogram(1, HIST_MAX_US, digits)
+
+
+@dataclass
+class StepSpec:
+    patients: int
+    duration_s: float
+    ramp_s: float = 0.0
+    retry: bool = False
+
+
+@dataclass
+class GeneratorSpec:
+    label: str
+    path: str
+    target: str
+    batch_rate_hz: float
+    ecg_hz: float
+    vitals_rate_hz: float
+    steps: list[StepSpec]
+    viewers: int
+    watched: int
+    connections: int = 8
+    drain_s: float = 3.0
+    zone: str = "zone-a"
+    edge_metrics_url: str = ""
+    # The local core's key ring, to mint viewer tokens when Attach needs a clinician login.
+    viewer_key_dir: str = ""
+    pids: dict[str, int] = field(default_factory=dict)
+    cpus: list[int] = field(default_factory=list)
+    progress: str = "lines"
+    run_id: str = "run"
+    # Saturation search: after the steps, bisect between the last passing and first failing.
+    p99_limit_ms: float = 0.0
+    bisect_steps: int = 0
+    stop_after_failures: int = 0
+    retry_failures: bool = False
+
+    @property
+    def max_patients(self) -> int:
+        return max(s.patients for s in self.steps)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> GeneratorSpec:
+        d = dict(d)
+        d["steps"] = [StepSpec(**s) for s in d["steps"]]
+        return GeneratorSpec(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["steps"] = [s.__dict__ for s in self.steps]
+        return out
+
+
+class StepRecorder:
+    """Counts and latencies of one step; deliveries may arrive from MQTT client threads."""
+
+    def __init__(self, index: int, patients: int, target_rate: float, t0_ns: int) -> None:
+        self.index = index
+        self.patients = patients
+        self.target_rate = target_rate
+        self.t0_ns = t0_ns
+        self.scheduled = 0
+        self.sent = 0
+        self.expected = 0
+        self.delivered = 0
+        self.duplicates = 0
+        self.last_delivery_ns = 0
+        self.hist = new_histogram()
+        # How late the generator itself sent (timer wake-up and loop delays), so a reader can
+        # tell the generator's share of the latency from the system's.
+        self.send_lag = new_histogram(2)
+        self.sent_by_s: dict[int, int] = {}
+        self.delivered_by_s: dict[int, int] = {}
+        self.hist_by_s: dict[int, Any] = {}
+        self.lock = threading.Lock()
+
+    def on_sent(self, sched_ns: int, viewers: int, now_ns: int) -> None:
+        self.sent += 1
+        self.send_lag.record_value(min(max(1, (now_ns - sched_ns) // 1000), HIST_MAX_US))
+        self.expected += viewers
+        s = (sched_ns - self.t0_ns) // 1_000_000_000
+        self.sent_by_s[s] = self.sent_by_s.get(s, 0) + 1
+
+    def on_delivered(self, sched_ns: int, now_ns: int) -> None:
+        us = min(max(1, (now_ns - sched_ns) // 1000), HIST_MAX_US)
+        s = (now_ns - self.t0_ns) // 1_000_000_000
+        with self.lock:
+            self.delivered += 1
+            self.last_delivery_ns = max(self.last_delivery_ns, now_ns)
+            self.hist.record_value(us)
+            self.delivered_by_s[s] = self.delivered_by_s.get(s, 0) + 1
+            h = self.hist_by_s.get(s)
+            if h is None:
+                h = self.hist_by_s[s] = new_histogram(2)
+            h.record_value(us)
+
+
+@dataclass
+class Patient:
+    index: int
+    session_id: str
+    next_seq: int = 1
+    t0_unix_ns: int = 0
+    # Per seq (index seq-1): scheduled send time and the step it belongs to.
+    sched: list[tuple[int, StepRecorder]] = field(default_factory=list)
+    publisher_token: str = ""
+    viewer_token: str = ""
+    watched: bool = False
+    # Per viewer: which seqs arrived (to tell duplicates from deliveries).
+    seen: list[bytearray] = field(default_factory=list)
+
+
+class Swarm:
+    """Common bookkeeping; one subclass per path knows how to connect, send and subscribe."""
+
+    def __init__(self, spec: GeneratorSpec) -> None:
+        from loadtest.payload import PayloadBook, PayloadShape
+
+        self.spec = spec
+        self.book = PayloadBook(PayloadShape(spec.batch_rate_hz, spec.ecg_hz, spec.vitals_rate_hz))
+        self.patients: list[Patient] = []
+        self.drops = 0
+        self.stray = 0
+        self.errors: dict[str, int] = {}
+        self.current: StepRecorder | None = None
+        self.deadline_ns = 0
+
+    # -- per path ------------------------------------------------------------------------
+    async def setup(self) -> None: ...
+    async def open_streams(self, n: int) -> None: ...
+    async def send(self, p: Patient, data: bytes) -> None: ...
+    async def subscribers_ready(self) -> int:
+        return -1
+
+    async def read_drops(self) -> int:
+        return self.drops
+
+    async def close(self) -> None: ...
+
+    # -- shared ---------------------------------------------------------------------------
+    def new_patient(self, index: int, session_id: str, **kw: Any) -> Patient:
+        """The first `watched` patients have viewers (a ward clinician watches some)."""
+        return Patient(
+            index,
+            session_id,
+            watched=index < self.spec.watched,
+            seen=[bytearray() for _ in range(self.spec.viewers)],
+            **kw,
+        )
+
+    def deliver(self, patient: int, viewer: int, seq: int, now_ns: int) -> None:
+        p = self.patients[patient] if 0 <= patient < len(self.patients) else None
+        if p is None or not 1 <= seq <= len(p.sched):
+            self.stray += 1
+            return
+        seen = p.seen[viewer]
+        if len(seen) <= seq:
+            seen.extend(b"\0" * (seq + 1024 - len(seen)))
+        sched_ns, rec = p.sched[seq - 1]
+        if seen[seq]:
+            with rec.lock:
+                rec.duplicates += 1
+            return
+        seen[seq] = 1
+        rec.on_delivered(sched_ns, now_ns)
+
+    async def run_step(self, rec: StepRecorder, step: StepSpec, progress: Progress) -> None:
+        period_ns = round(1e9 / self.spec.batch_rate_hz)
+        n = step.patients
+        end_ns = rec.t0_ns + int(step.duration_s * 1e9)
+        # Every batch scheduled before the end is sent, however late, until this hard limit.
+        self.deadline_ns = end_ns + int(max(self.spec.drain_s, 1.0) * 1e9)
+        tasks = []
+        for i in range(n):
+            p = self.patients[i]
+            # Devices are not synchronised: spread their phases over one period, and over
+            # the ramp when patients join gradually.
+            start = rec.t0_ns + int(step.ramp_s * 1e9 * i / n) + period_ns * i // n
+            count = max(0, math.ceil((end_ns - start) / period_ns))
+            rec.scheduled += count
+            tasks.append(asyncio.create_task(self._send_loop(p, rec, start, count, period_ns)))
+        await asyncio.gather(*tasks)
+
+    async def _send_loop(
+        self, p: Patient, rec: StepRecorder, start_ns: int, count: int, period_ns: int
+    ) -> None:
+        viewers = self.spec.viewers if p.watched else 0
+        clock = time.perf_counter_ns
+        for k in range(count):
+            due = start_ns + k * period_ns
+            delay = due - clock()
+            if delay > 0:
+                await asyncio.sleep(delay / 1e9)
+            if clock() > self.deadline_ns:
+                return
+            seq = p.next_seq
+            p.next_seq += 1
+            if p.t0_unix_ns == 0:
+                p.t0_unix_ns = time.time_ns()
+            # Recorded before the write: time blocked in the write counts as latency.
+            p.sched.append((due, rec))
+            data = self.book.encode(p.index, p.session_id, seq, p.t0_unix_ns, time.time_ns())
+            rec.on_sent(due, viewers, clock())
+            await self.send(p, data)
+
+    async def wait_delivered(self, rec: StepRecorder) -> None:
+        """Wait for late deliveries: at least drain_s, longer while they keep arriving (an
+        overloaded server is still working off its queue), never past DRAIN_MAX_S."""
+        start = time.monotonic()
+        last_progress, last_count = start, rec.delivered
+        while rec.delivered < rec.expected:
+            now = time.monotonic()
+            if rec.delivered != last_count:
+                last_progress, last_count = now, rec.delivered
+            if now - start > max(DRAIN_MAX_S, self.spec.drain_s):
+                return
+            if now - start > self.spec.drain_s and now - last_progress > 1.0:
+                return
+            await asyncio.sleep(0.05)
+
+
+# ----------------------------------------------------------------------------------------
+# gRPC paths: the edge (through the core's placement) and the bare echo
+# ----------------------------------------------------------------------------------------
+
+
+class _GrpcSwarm(Swarm):
+    publish_method = ""
+    subscribe_method = ""
+
+    def __init__(self, spec: GeneratorSpec) -> None:
+        super().__init__(spec)
+        self.channels: list[Any] = []
+        self.publish_calls: dict[int, Any] = {}
+        self.tasks: list[asyncio.Task[None]] = []
+        self.acks = 0
+
+    def _pool(self, address: str) -> None:
+        import grpc
+
+        from telehealth.rpc import channel_options
+
+        self.channels = [
+            grpc.aio.insecure_channel(address, options=[*channel_options(), ("grpc.channel_id", i)])
+            for i in range(self.spec.connections)
+        ]
+
+    def channel_for(self, p: Patient) -> Any:
+        return self.channels[p.index % len(self.channels)]
+
+    def publish_metadata(self, p: Patient) -> tuple[tuple[str, str], ...]:
+        raise NotImplementedError
+
+    def subscribe_request(self, p: Patient) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+        raise NotImplementedError
+
+    def seq_of(self, raw: bytes) -> tuple[int, int]:
+        """(seq of the batch or 0, events the server said it dropped)."""
+        raise NotImplementedError
+
+    async def open_streams(self, n: int) -> None:
+        for p in self.patients[:n]:
+            if p.index in self.publish_calls:
+                continue
+            call = self.channel_for(p).stream_stream(
+                self.publish_method, request_serializer=None, response_deserializer=None
+            )(metadata=self.publish_metadata(p))
+            self.publish_calls[p.index] = call
+            self.tasks.append(asyncio.create_task(self._read_acks(call)))
+
+    async def _read_acks(self, call: Any) -> None:
+        try:
+            async for _ in call:
+                self.acks += 1
+        except Exception as e:
+            self.note_error("publish", e)
+
+    async def subscribe_all(self) -> None:
+        for p in self.patients:
+            if not p.watched:
+                continue
+            for v in range(self.spec.viewers):
+                req, md = self.subscribe_request(p)
+                call = self.channel_for(p).unary_stream(
+                    self.subscribe_method, request_serializer=None, response_deserializer=None
+                )(req, metadata=md)
+                self.tasks.append(asyncio.create_task(self._read_subscription(p, v, call)))
+
+    async def _read_subscription(self, p: Patient, viewer: int, call: Any) -> None:
+        clock = time.perf_counter_ns
+        try:
+            async for raw in call:
+                now = clock()
+                seq, dropped = self.seq_of(raw)
+                if dropped:
+                    self.drops += dropped
+                if seq:
+                    self.deliver(p.index, viewer, seq, now)
+        except Exception as e:
+            self.note_error("subscribe", e)
+
+    def note_error(self, what: str, e: BaseException) -> None:
+        """Count stream failures; say the first of each kind, since they explain a loss."""
+        import grpc
+
+        if isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.CANCELLED:
+            return  # our own cancel at the end of the run
+        key = f"{what}: {type(e).__name__}"
+        if isinstance(e, grpc.aio.AioRpcError):
+            key = f"{what}: {e.code().name}: {e.details()}"
+        self.errors[key] = self.errors.get(key, 0) + 1
+        if self.errors[key] == 1:
+            print(f"[{self.spec.label}] {key}", file=sys.stderr, flush=True)
+
+    async def send(self, p: Patient, data: bytes) -> None:
+        from loadtest.payload import wrap_publish
+
+        await self.publish_calls[p.index].write(wrap_publish(data))
+
+    async def close(self) -> None:
+        for call in self.publish_calls.values():
+            call.cancel()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for ch in self.channels:
+            await ch.close()
+
+
+class EdgeSwarm(_GrpcSwarm):
+    """device -> edge -> subscriber: sessions opened at the core, tokens from the core."""
+
+    publish_method = "/telehealth.v1.VitalsService/Publish"
+    subscribe_method = "/telehealth.v1.VitalsService/Subscribe"
+
+    def __init__(self, spec: GeneratorSpec) -> None:
+        super().__init__(spec)
+        self.viewer_tokens = ""
+        self._issuer: Any = None
+
+    async def setup(self) -> None:
+        import grpc
+
+        from telehealth.rpc import channel_options
+        from telehealth.v1 import sessions_pb2, sessions_pb2_grpc
+
+        self.core = grpc.aio.insecure_channel(self.spec.target, options=channel_options())
+        stub = sessions_pb2_grpc.SessionsServiceStub(self.core)
+        n = self.spec.max_patients
+        edge_addresses: set[str] = set()
+
+        async def open_one(i: int) -> Patient:
+            r = await stub.Open(
+                sessions_pb2.OpenSessionRequest(
+                    patient_id=f"lt-{self.spec.run_id}-{i:05d}", zone=self.spec.zone
+                ),
+                timeout=30,
+            )
+            p = self.new_patient(i, r.session.session_id, publisher_token=r.assignment.token)
+            edge_addresses.add(r.assignment.edge_address)
+            if i < self.spec.watched:
+                p.viewer_token = await self._viewer_token(stub, r)
+            return p
+
+        for lo in range(0, n, 50):  # bounded concurrency: the core serialises placement anyway
+            self.patients.extend(
+                await asyncio.gather(*(open_one(i) for i in range(lo, min(n, lo + 50))))
+            )
+        if len(edge_addresses) != 1:
+            # Loss and latency are per edge; several edges would blur what is measured.
+            print(
+                f"[{self.spec.label}] note: sessions placed on {len(edge_addresses)} edges",
+                file=sys.stderr,
+            )
+        self._pool(sorted(edge_addresses)[0])
+        self.stub = stub
+
+    async def _viewer_token(self, stub: Any, opened: Any) -> str:
+        """A viewer token from Attach; when the core wants a clinician login (which has no
+        provisioning API yet), one minted with the local core's own key ring instead."""
+        import grpc
+
+        from telehealth.v1 import sessions_pb2
+
+        if self.viewer_tokens != "minted":
+            try:
+                a = await stub.Attach(
+                    sessions_pb2.AttachSessionRequest(
+                        session_id=opened.session.session_id, role=sessions_pb2.ROLE_VIEWER
+                    ),
+                    timeout=30,
+                )
+                self.viewer_tokens = "attach"
+                return str(a.assignment.token)
+            except grpc.aio.AioRpcError as e:
+                refused = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+                if e.code() not in refused or not self.spec.viewer_key_dir:
+                    raise
+        from telehealth.security.tokens import KeyRing, TokenIssuer
+
+        if self._issuer is None:
+            key_dir = Path(self.spec.viewer_key_dir)
+            # Setup phase, a few small files once: blocking reads are fine here.
+            if not key_dir.is_dir():  # noqa: ASYNC240
+                raise RuntimeError(f"no core key ring at {key_dir} to mint viewer tokens")
+            self._issuer = TokenIssuer(KeyRing.load_or_create(key_dir), 3600)
+        self.viewer_tokens = "minted"
+        token, _ = self._issuer.issue(
+            session_id=opened.session.session_id,
+            role="viewer",
+            edge_id=opened.assignment.edge_id,
+            zone=opened.session.zone,
+            spo2_scale=int(opened.session.spo2_scale) or 1,
+            subject_id="loadtest-clinician",
+        )
+        return str(token)
+
+    def publish_metadata(self, p: Patient) -> tuple[tuple[str, str], ...]:
+        from telehealth.rpc import bearer
+
+        return bearer(p.publisher_token)
+
+    def subscribe_request(self, p: Patient) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+        from telehealth.rpc import bearer
+        from telehealth.v1 import vitals_pb2
+
+        req = vitals_pb2.SubscribeVitalsRequest(session_id=p.session_id).SerializeToString()
+        return req, bearer(p.viewer_token)
+
+    def seq_of(self, raw: bytes) -> tuple[int, int]:
+        from telehealth.v1 import vitals_pb2
+
+        ev = vitals_pb2.SubscribeVitalsResponse.FromString(raw)
+        kind = ev.WhichOneof("event")
+        if kind == "batch":
+            return ev.batch.seq, 0
+        if kind == "gap":
+            return 0, ev.gap.dropped_events
+        return 0, 0  # NEWS2, alerts, derived heart rate: the edge's extra work, not counted
+
+    async def subscribers_ready(self) -> int:
+        url = self.spec.edge_metrics_url
+        if not url:
+            return -1
+
+        def scrape() -> int:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                text = r.read().decode()
+            m = re.search(r"^telehealth_edge_subscribers\{[^}]*\} (\S+)$", text, re.M)
+            return int(float(m.group(1))) if m else -1
+
+        return await asyncio.to_thread(scrape)
+
+    async def close(self) -> None:
+        from telehealth.v1 import sessions_pb2
+
+        await super().close()
+        # Closing frees the edge's capacity for the next run on the same mesh.
+        for lo in range(0, len(self.patients), 50):
+            await asyncio.gather(
+                *(
+                    self.stub.Close(
+                        sessions_pb2.CloseSessionRequest(session_id=p.session_id),
+                        metadata=self.publish_metadata(p),
+                        timeout=10,
+                    )
+                    for p in self.patients[lo : lo + 50]
+                ),
+                return_exceptions=True,
+            )
+        await self.core.close()
+
+
+class EchoSwarm(_GrpcSwarm):
+    """device -> bare grpc.aio relay -> subscriber: the ceiling of the stack."""
+
+    async def setup(self) -> None:
+        from loadtest.peers import echo
+
+        self.publish_method = echo.PUBLISH
+        self.subscribe_method = echo.SUBSCRIBE
+        self.patients = [
+            self.new_patient(i, f"echo-{i:05d}") for i in range(self.spec.max_patients)
+        ]
+        self._pool(self.spec.target)
+        self._stats = self.channels[0].unary_unary(
+            echo.STATS, request_serializer=None, response_deserializer=None
+        )
+        self._drops0 = int(json.loads(await self._stats(b"", timeout=5))["dropped"])
+
+    def publish_metadata(self, p: Patient) -> tuple[tuple[str, str], ...]:
+        from loadtest.peers.echo import SESSION_HEADER
+
+        return ((SESSION_HEADER, p.session_id),)
+
+    def subscribe_request(self, p: Patient) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+        return p.session_id.encode(), ()
+
+    def seq_of(self, raw: bytes) -> tuple[int, int]:
+        from telehealth.v1 import vitals_pb2
+
+        return vitals_pb2.PublishVitalsRequest.FromString(raw).batch.seq, 0
+
+    async def subscribers_ready(self) -> int:
+        return int(json.loads(await self._stats(b"", timeout=5))["subscribers"])
+
+    async def read_drops(self) -> int:
+        return int(json.loads(await self._stats(b"", timeout=5))["dropped"]) - self._drops0
+
+
+# ----------------------------------------------------------------------------------------
+# MQTT: Python clients through Mosquitto, QoS 0 or 1
+# ----------------------------------------------------------------------------------------
+
+
+class MqttSwarm(Swarm):
+    """device -> Mosquitto -> subscriber with paho-mqtt clients (each with its network thread).
+
+    Patients share `connections` publisher clients; viewers share at least as many
+    subscriber clients, a patient's viewers always on distinct clients, one topic per patient.
+    """
+
+    def __init__(self, spec: GeneratorSpec) -> None:
+        super().__init__(spec)
+        self.qos = 1 if spec.path.endswith("qos1") else 0
+        host, _, port = spec.target.rpartition(":")
+        self.host, self.port = host or "127.0.0.1", int(port)
+        self.publishers: list[Any] = []
+        self.subscribers: list[Any] = []
+        self.subscribed = 0
+        self.sys_dropped = -1
+        self._cond = threading.Condition()
+
+    def _client(self, name: str) -> Any:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"lt-{self.spec.run_id}-{self.spec.label}-{name}",
+            protocol=mqtt.MQTTv311,
+            clean_session=True,
+        )
+        # Default paho windows (20 in flight) would throttle QoS 1 below the offered rate
+        # and turn the test into a closed loop; the broker keeps its own defaults.
+        c.max_inflight_messages_set(1000)
+        c.max_queued_messages_set(0)
+        return c
+
+    def _connect(self, c: Any, timeout_s: float = 10.0) -> None:
+        """Connect and start the network thread; paho refuses subscribes until CONNACK."""
+        connected = threading.Event()
+        previous = c.on_connect
+
+        def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+            connected.set()
+            if previous is not None:
+                previous(client, userdata, flags, reason, props)
+
+        c.on_connect = on_connect
+        c.connect(self.host, self.port, keepalive=30)
+        c.loop_start()
+        if not connected.wait(timeout_s):
+            raise TimeoutError(f"no CONNACK from the MQTT broker at {self.host}:{self.port}")
+
+    def topic(self, p: int) -> str:
+        return f"lt/{self.spec.run_id}/{self.spec.label}/p{p}"
+
+    async def setup(self) -> None:
+        self.patients = [
+            self.new_patient(i, f"mqtt-{i:05d}") for i in range(self.spec.max_patients)
+        ]
+        n_sub = max(self.spec.connections, self.spec.viewers)
+        for i in range(self.spec.connections):
+            c = self._client(f"pub{i}")
+            self._connect(c)
+            self.publishers.append(c)
+        prefix = f"lt/{self.spec.run_id}/{self.spec.label}/p"
+        qos = self.qos
+
+        def on_message(client: Any, userdata: int, msg: Any) -> None:
+            now = time.perf_counter_ns()
+            from telehealth.v1 import vitals_pb2
+
+            patient = int(msg.topic[len(prefix) :])
+            seq = vitals_pb2.VitalsBatch.FromString(msg.payload).seq
+            self.deliver(patient, userdata, seq, now)
+
+        def on_subscribe(client: Any, userdata: Any, mid: Any, codes: Any, props: Any) -> None:
+            with self._cond:
+                self.subscribed += len(codes)
+                self._cond.notify_all()
+
+        wanted: list[list[tuple[str, int]]] = [[] for _ in range(n_sub)]
+        for p in self.patients:
+            if p.watched:
+                for v in range(self.spec.viewers):
+                    wanted[(p.index + v) % n_sub].append((self.topic(p.index), qos))
+        self.want_subs = sum(len(w) for w in wanted)
+        for i in range(n_sub):
+            c = self._client(f"sub{i}")
+            c.user_data_set(i)
+            c.on_message = on_message
+            c.on_subscribe = on_subscribe
+            self._connect(c)
+            for lo in range(0, len(wanted[i]), 100):
+                c.subscribe(wanted[i][lo : lo + 100])
+            self.subscribers.append(c)
+        # Mosquitto's own count of messages it dropped (queue limits), from $SYS.
+        mon = self._client("sys")
+
+        def on_sys(client: Any, userdata: Any, msg: Any) -> None:
+            with contextlib.suppress(ValueError):
+                self.sys_dropped = int(msg.payload)
+
+        mon.on_message = on_sys
+        self._connect(mon)
+        mon.subscribe("$SYS/broker/publish/messages/dropped", 0)
+        self.monitor = mon
+
+    def viewer_slot(self, patient: int, client_index: int) -> int:
+        n_sub = max(self.spec.connections, self.spec.viewers)
+        return (client_index - patient) % n_sub
+
+    def deliver(self, patient: int, viewer: int, seq: int, now_ns: int) -> None:
+        # `viewer` arrives as the subscriber client's index; map it to the patient's viewer slot.
+        super().deliver(patient, self.viewer_slot(patient, viewer), seq, now_ns)
+
+    async def open_streams(self, n: int) -> None:
+        return None
+
+    async def subscribers_ready(self) -> int:
+        with self._cond:
+            return self.subscribed
+
+    async def send(self, p: Patient, data: bytes) -> None:
+        self.publishers[p.index % len(self.publishers)].publish(
+            self.topic(p.index), data, qos=self.qos
+        )
+
+    async def read_drops(self) -> int:
+        return max(0, self.sys_dropped)
+
+    async def close(self) -> None:
+        for c in [*self.publishers, *self.subscribers, self.monitor]:
+            with contextlib.suppress(Exception):
+                c.disconnect()
+                c.loop_stop()
+
+
+SWARMS: dict[str, Callable[[GeneratorSpec], Swarm]] = {
+    "edge": EdgeSwarm,
+    "echo": EchoSwarm,
+    "mqtt-qos0": MqttSwarm,
+    "mqtt-qos1": MqttSwarm,
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Progress and results
+# ----------------------------------------------------------------------------------------
+
+
+class Progress:
+    """One line a second on stderr: overwritten on a terminal, every 5 s into a log."""
+
+    def __init__(self, label: str, mode: str) -> None:
+        self.label = label
+        self.mode = mode
+        self.tty = mode == "tty" and sys.stderr.isatty()
+
+    async def run(self, swarm: Swarm, rec: StepRecorder, duration_s: float) -> None:
+        last_sent = last_delivered = 0
+        ticks = 0
+        while True:
+            await asyncio.sleep(1.0)
+            ticks += 1
+            sent, delivered = rec.sent, rec.delivered
+            with rec.lock:
+                p99 = rec.hist.get_value_at_percentile(99.0) / 1000 if rec.delivered else 0.0
+            elapsed = (time.perf_counter_ns() - rec.t0_ns) / 1e9
+            line = (
+                f"[{self.label} step {rec.index + 1}: {rec.patients} patients] "
+                f"{min(elapsed, 9999):6.1f}s/{duration_s:g}s  "
+                f"offered {sent - last_sent:6d}/s (target {rec.target_rate:g})  "
+                f"delivered {delivered - last_delivered:6d}/s  p99 {p99:8.2f} ms  "
+                f"drops {swarm.drops}  not yet delivered {max(0, rec.expected - delivered)}"
+            )
+            last_sent, last_delivered = sent, delivered
+            if self.mode == "off":
+                continue
+            if self.tty:
+                print("\r" + line, end="", file=sys.stderr, flush=True)
+            elif ticks % 5 == 0:
+                print(line, file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.tty:
+            print(file=sys.stderr, flush=True)
+
+
+def percentiles_ms(hist: Any) -> dict[str, float]:
+    if hist.get_total_count() == 0:
+        return {k: 0.0 for k in ("p50", "p90", "p99", "p999", "max", "mean")}
+    return {
+        "p50": hist.get_value_at_percentile(50.0) / 1000,
+        "p90": hist.get_value_at_percentile(90.0) / 1000,
+        "p99": hist.get_value_at_percentile(99.0) / 1000,
+        "p999": hist.get_value_at_percentile(99.9) / 1000,
+        "max": hist.get_max_value() / 1000,
+        "mean": round(hist.get_mean_value() / 1000, 3),
+    }
+
+
+CDF_POINTS = (0, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 99.95, 99.99, 100)
+
+
+def cdf_ms(hist: Any) -> list[list[float]]:
+    if hist.get_total_count() == 0:
+        return []
+    pts: list[list[float]] = []
+    for q in (*range(0, 100, 2), *CDF_POINTS[7:]):
+        pts.append([hist.get_value_at_percentile(float(q)) / 1000, float(q)])
+    return pts
+
+
+def step_result(
+    rec: StepRecorder, step: StepSpec, wall_s: float, drops: int, cpu: dict[str, Any],
+    rss: list[dict[str, float]],
+) -> dict[str, Any]:  # fmt: skip
+    lost = max(0, rec.expected - rec.delivered)
+    span_s = max(step.duration_s, (rec.last_delivery_ns - rec.t0_ns) / 1e9)
+    seconds = math.ceil(span_s)
+    timeline = []
+    for s in range(seconds + 2):
+        h = rec.hist_by_s.get(s)
+        timeline.append(
+            {
+                "t_s": s,
+                "sent": rec.sent_by_s.get(s, 0),
+                "delivered": rec.delivered_by_s.get(s, 0),
+                "p99_ms": h.get_value_at_percentile(99.0) / 1000 if h is not None else 0.0,
+                "rss_mib": rss[s] if s < len(rss) else {},
+            }
+        )
+    return {
+        "patients": rec.patients,
+        "duration_s": step.duration_s,
+        "ramp_s": step.ramp_s,
+        "target_batches_per_s": rec.target_rate,
+        "scheduled": rec.scheduled,
+        "sent": rec.sent,
+        "expected": rec.expected,
+        "delivered": rec.delivered,
+        "duplicates": rec.duplicates,
+        "lost": lost,
+        "loss_ratio": lost / rec.expected if rec.expected else 0.0,
+        "drops": drops,
+        "offered_batches_per_s": rec.sent / step.duration_s,
+        # Over the time deliveries really took: an overloaded server still delivering in the
+        # drain must not look faster than it was.
+        "delivered_batches_per_s": rec.delivered / span_s,
+        "delivery_span_s": round(span_s, 3),
+        "latency_ms": percentiles_ms(rec.hist),
+        "latency_cdf_ms": cdf_ms(rec.hist),
+        "generator_send_lag_ms": percentiles_ms(rec.send_lag),
+        "histogram_hdr": rec.hist.encode().decode(),
+        "timeline": timeline,
+        "cpu": cpu,
+        "wall_s": round(wall_s, 3),
+        # The machine is shared; a high load average explains a noisy step.
+        "loadavg_1m_after": round(os.getloadavg()[0], 2),
+    }
+
+
+def step_passes(result: dict[str, Any], p99_limit_ms: float) -> bool:
+    """Sustainable: p99 under the limit, nothing lost, and the offered load really offered."""
+    return bool(
+        result["delivered"] > 0
+        and result["latency_ms"]["p99"] < p99_limit_ms
+        and result["lost"] == 0
+        and result["sent"] >= 0.98 * result["scheduled"]
+    )
+
+
+async def _wait_subscribed(swarm: Swarm, want: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        have = await swarm.subscribers_ready()
+        if have < 0:
+            await asyncio.sleep(1.0)  # cannot see the server's count: give it a moment
+            return
+        if have >= want:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {have} of {want} subscriptions active after {timeout_s}s")
+        await asyncio.sleep(0.05)
+
+
+async def _settle(pids: dict[str, int], idle_percent: float = 25.0, limit_s: float = 10.0) -> None:
+    """Before the next step, let the system under test finish the last one's backlog (an
+    overloaded edge replicates its journal to the archive for a while), so each step starts
+    from quiet; bounded, since a busy shared machine may never look idle."""
+    from loadtest.host import sample
+
+    await asyncio.sleep(0.5)
+    if not pids:
+        return
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        before = [sample(pid) for pid in pids.values()]
+        await asyncio.sleep(0.5)
+        after = [sample(pid) for pid in pids.values()]
+        busy = sum(
+            (b.user_s + b.system_s) - (a.user_s + a.system_s)
+            for a, b in zip(before, after, strict=True)
+            if a is not None and b is not None
+        )
+        if 100 * busy / 0.5 < idle_percent:
+            return
+
+
+async def _sample_rss(
+    pids: dict[str, int], out: list[dict[str, float]], stop: asyncio.Event
+) -> None:
+    from loadtest.host import sample
+
+    while not stop.is_set():
+        row: dict[str, float] = {}
+        for name, pid in pids.items():
+            s = sample(pid)
+            if s is not None:
+                row[name] = round(s.rss_bytes / 2**20, 1)
+        out.append(row)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+
+
+async def run(spec: GeneratorSpec) -> dict[str, Any]:
+    from loadtest.host import cpu_between, sample
+
+    swarm = SWARMS[spec.path](spec)
+    t_setup = time.monotonic()
+    await swarm.setup()
+    if isinstance(swarm, _GrpcSwarm):
+        await swarm.subscribe_all()
+    want = spec.watched * spec.viewers
+    pids = {**spec.pids, "generator": os.getpid()}
+    results: list[dict[str, Any]] = []
+    try:
+        await _wait_subscribed(swarm, want)
+        await swarm.open_streams(spec.max_patients)
+        setup_s = time.monotonic() - t_setup
+        steps = list(spec.steps)
+        planned = len(steps)
+        passed: list[int] = []
+        failed: list[int] = []
+        bisected = 0
+        i = 0
+        while i < len(steps) and i < 64:
+            step = steps[i]
+            res = await _one_step(swarm, spec, i, step, pids, cpu_between, sample)
+            # Steps added by the search are marked so reports can tell them apart.
+            res["bisect"] = i >= planned
+            results.append(res)
+            if spec.p99_limit_ms:
+                ok = step_passes(res, spec.p99_limit_ms)
+                res["passes"] = ok
+                res["retry"] = step.retry
+                if not ok and not step.retry and spec.retry_failures:
+                    # The machine may be shared: a level fails only if a second try fails too.
+                    steps.insert(i + 1, StepSpec(step.patients, step.duration_s, 0.0, retry=True))
+                    if i < planned:
+                        planned += 1
+                    i += 1
+                    await _settle(spec.pids)
+                    continue
+                (passed if ok else failed).append(step.patients)
+                fails_in_row = 0
+                for r in reversed(results):
+                    if r["passes"]:
+                        break
+                    fails_in_row += 1 if r["retry"] or not spec.retry_failures else 0
+                if (
+                    i < planned
+                    and spec.stop_after_failures
+                    and fails_in_row >= spec.stop_after_failures
+                ):
+                    del steps[i + 1 : planned]
+                    planned = i + 1
+                if i >= planned - 1 and failed and bisected < spec.bisect_steps:
+                    hi = min(failed)
+                    lo = max((p for p in passed if p < hi), default=0)
+                    if hi - lo > 1:
+                        steps.append(StepSpec((lo + hi) // 2, step.duration_s, 0.0))
+                        bisected += 1
+            i += 1
+            if i < len(steps):
+                await _settle(spec.pids)
+    finally:
+        await swarm.close()
+    return {
+        "label": spec.label,
+        "path": spec.path,
+        "setup_s": round(setup_s, 2) if results else 0.0,
+        "payload_bytes": list(swarm.book.sizes()),
+        "stray_deliveries": swarm.stray,
+        "stream_errors": swarm.errors,
+        "viewer_tokens": getattr(swarm, "viewer_tokens", ""),
+        "steps": results,
+    }
+
+
+async def _one_step(
+    swarm: Swarm,
+    spec: GeneratorSpec,
+    index: int,
+    step: StepSpec,
+    pids: dict[str, int],
+    cpu_between: Callable[..., dict[str, float]],
+    sample: Callable[[int], Any],
+) -> dict[str, Any]:
+    t0 = time.perf_counter_ns() + 200_000_000  # a little time to create the senders
+    rec = StepRecorder(index, step.patients, step.patients * spec.batch_rate_hz, t0)
+    swarm.current = rec
+    drops0 = await swarm.read_drops()
+    before = {name: sample(pid) for name, pid in pids.items()}
+    wall0 = time.monotonic()
+    rss: list[dict[str, float]] = []
+    stop_rss = asyncio.Event()
+    rss_task = asyncio.create_task(_sample_rss(pids, rss, stop_rss))
+    progress = Progress(spec.label, spec.progress)
+    ptask = asyncio.create_task(progress.run(swarm, rec, step.duration_s))
+    try:
+        await swarm.run_step(rec, step, progress)
+        await swarm.wait_delivered(rec)
+    finally:
+        ptask.cancel()
+        stop_rss.set()
+        await asyncio.gather(ptask, rss_task, return_exceptions=True)
+        progress.done()
+    wall = time.monotonic() - wall0
+    after = {name: sample(pid) for name, pid in pids.items()}
+    cpu = {name: cpu_between(before[name], after[name], wall) for name in pids}
+    drops = (await swarm.read_drops()) - drops0
+    res = step_result(rec, step, wall, drops, cpu, rss)
+    lat = res["latency_ms"]
+    print(
+        f"[{spec.label}] {step.patients} patients: sent {rec.sent}, delivered {rec.delivered}"
+        f"/{rec.expected}, p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms, "
+        f"max {lat['max']:.1f} ms, drops {drops}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return res
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2:
+        print("usage: python -m loadtest.generator SPEC.json OUT.json", file=sys.stderr)
+        sys.exit(2)
+    spec = GeneratorSpec.from_dict(json.loads(Path(args[0]).read_text()))
+    if spec.cpus:
+        # Before gRPC and paho start threads, so every thread inherits the mask.
+        os.sched_setaffinity(0, set(spec.cpus))
+    result = asyncio.run(run(spec))
+    Path(args[1]).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Peer baselines run beside the mesh: a bare grpc.aio echo and a Mosquitto broker."""
