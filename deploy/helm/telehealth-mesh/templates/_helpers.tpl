@@ -1,0 +1,205 @@
+{{/* Chart name, truncated for DNS labels. */}}
+{{- define "telehealth.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release-scoped base name of every object. */}}
+{{- define "telehealth.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "telehealth.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels that select this release's pods (all components). */}}
+{{- define "telehealth.instanceLabels" -}}
+app.kubernetes.io/name: {{ include "telehealth.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "telehealth.labels" -}}
+helm.sh/chart: {{ include "telehealth.chart" . }}
+{{ include "telehealth.instanceLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: telehealth-mesh
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels of one component: call with (dict "ctx" $ "component" "core"). */}}
+{{- define "telehealth.selectorLabels" -}}
+{{ include "telehealth.instanceLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "telehealth.coreName" -}}
+{{- printf "%s-core" (include "telehealth.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "telehealth.edgeName" -}}
+{{- printf "%s-edge" (include "telehealth.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Name of one zone's edge Deployment and Service: (dict "ctx" $ "zone" "zone-a"). */}}
+{{- define "telehealth.edgeZoneName" -}}
+{{- printf "%s-%s" (include "telehealth.edgeName" .ctx) .zone | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The headless Service the core watches for edges. */}}
+{{- define "telehealth.edgeDiscoveryName" -}}
+{{- printf "%s-edge-discovery" (include "telehealth.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "telehealth.turnName" -}}
+{{- printf "%s-turn" (include "telehealth.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "telehealth.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Secret with the mTLS material; empty when TLS is off. */}}
+{{- define "telehealth.tlsSecretName" -}}
+{{- if .Values.tls.enabled }}
+{{- if .Values.tls.existingSecret }}
+{{- .Values.tls.existingSecret }}
+{{- else }}
+{{- printf "%s-tls" (include "telehealth.fullname" .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The restricted Pod Security Standard, for pods. */}}
+{{- define "telehealth.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* The restricted Pod Security Standard, for every container. */}}
+{{- define "telehealth.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+readOnlyRootFilesystem: true
+allowPrivilegeEscalation: false
+privileged: false
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Volumes every telehealth pod mounts: (dict "ctx" $ "data" <volume source dict>). */}}
+{{- define "telehealth.volumes" -}}
+- name: data
+  {{- toYaml .data | nindent 2 }}
+- name: tmp
+  emptyDir:
+    sizeLimit: 64Mi
+{{- with (include "telehealth.tlsSecretName" .ctx) }}
+- name: tls
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
+{{- define "telehealth.volumeMounts" -}}
+- name: data
+  mountPath: /var/lib/telehealth
+- name: tmp
+  mountPath: /tmp
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: /etc/telehealth/tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* Number of UDP ports in a {min, max} range, failing on a bad or oversized range. */}}
+{{- define "telehealth.portCount" -}}
+{{- $n := add (sub (int .range.max) (int .range.min)) 1 }}
+{{- if lt $n 1 }}
+{{- fail (printf "%s: max (%d) must not be below min (%d)" .what (int .range.max) (int .range.min)) }}
+{{- end }}
+{{- if gt $n 64 }}
+{{- fail (printf "%s: %d ports; at most 64 fit in one Service's EndpointSlice" .what $n) }}
+{{- end }}
+{{- $n }}
+{{- end }}
+
+{{/* Chart-wide checks that the schema cannot express. */}}
+{{- define "telehealth.validate" -}}
+{{- if and (not .Values.externalPostgresql.enabled) (or (gt (int .Values.core.replicas) 1) .Values.core.autoscaling.enabled) }}
+{{- fail "core.replicas > 1 or core.autoscaling.enabled needs externalPostgresql.enabled: each replica would otherwise keep its own SQLite database" }}
+{{- end }}
+{{- if and .Values.externalPostgresql.enabled (not .Values.externalPostgresql.existingSecret) }}
+{{- fail "externalPostgresql.existingSecret must name the Secret holding the database URL" }}
+{{- end }}
+{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) (not .Values.tls.certManager.enabled) }}
+{{- fail "tls.enabled needs tls.existingSecret or tls.certManager.enabled" }}
+{{- end }}
+{{- if and .Values.core.persistence.existingClaim (or .Values.externalPostgresql.enabled (gt (int .Values.core.replicas) 1)) }}
+{{- fail "core.persistence.existingClaim is for a single core replica on SQLite" }}
+{{- end }}
+{{- $seen := dict }}
+{{- range .Values.zones }}
+{{- if hasKey $seen .name }}
+{{- fail (printf "zones: %q is listed twice" .name) }}
+{{- end }}
+{{- $_ := set $seen .name true }}
+{{- end }}
+{{- end }}
+
+{{/* Render ServiceMonitor/PrometheusRule? Only when the operator's API is there, or forced. */}}
+{{- define "telehealth.monitoringOn" -}}
+{{- if and .Values.monitoring.enabled (or .Values.monitoring.force (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1")) }}true{{- end }}
+{{- end }}
+
+{{/*
+mTLS material for a container, when tls.enabled: the paths of the mounted Secret.
+*/}}
+{{- define "telehealth.tlsEnv" -}}
+{{- if .Values.tls.enabled }}
+- name: TELEHEALTH_TLS_CERT_FILE
+  value: /etc/telehealth/tls/tls.crt
+- name: TELEHEALTH_TLS_KEY_FILE
+  value: /etc/telehealth/tls/tls.key
+- name: TELEHEALTH_TLS_CA_FILE
+  value: /etc/telehealth/tls/ca.crt
+{{- end }}
+{{- end }}
+
+{{/*
+A probe's handler: native gRPC health while the port is plaintext; with mTLS the kubelet
+has no client certificate, so probes use the plaintext /healthz of the HTTP port instead.
+Args: dict "root" $ "grpcPort" N "httpPort" N.
+*/}}
+{{- define "telehealth.probeHandler" -}}
+{{- if .root.Values.tls.enabled }}
+httpGet:
+  path: /healthz
+  port: {{ .httpPort }}
+{{- else }}
+grpc:
+  port: {{ .grpcPort }}
+{{- end }}
+{{- end }}
+
