@@ -1,0 +1,184 @@
+"""Headless Debian Chromium as the patient page and as the clinician console, through the edge.
+
+Each side must receive the other's video (checked in the page's own state: a decoded width and
+a growing count of decoded frames), and the run saves screenshots of both pages to
+docs/screenshots/ for the README.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clients.device import DeviceAgent, DeviceConfig
+from core_services.server import CoreServer
+from edge_nodes.server import EdgeServer
+from edge_nodes.vision.synthetic import SyntheticFace
+from tests.conftest import EdgeFactory, eventually
+
+playwright_api = pytest.importorskip("playwright.async_api")
+
+CHROMIUM = "/usr/bin/chromium"
+CLINICIAN = "dr-browser"
+PASSWORD = "correct horse battery staple"
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    # Host candidates as real addresses rather than mDNS names: the edge is on this machine.
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+]
+
+pytestmark = [
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM), reason="needs Debian's chromium (make browser)"
+    ),
+    pytest.mark.timeout(180),
+]
+
+
+async def launch(pw: Any, tmp: Path, name: str, extra: list[str]) -> Any:
+    # A fresh profile per browser, so no state carries over between runs.
+    profile = tmp / f"profile-{name}"
+    return await pw.chromium.launch_persistent_context(
+        str(profile),
+        executable_path=CHROMIUM,
+        headless=True,
+        args=FLAGS + extra,
+        viewport={"width": 1280, "height": 860}
+        if name == "clinician"
+        else {"width": 412, "height": 915},
+    )
+
+
+@pytest.fixture
+async def device(core: CoreServer, edge: EdgeServer) -> AsyncIterator[DeviceAgent]:
+    await core.security.users.add_user(CLINICIAN, "clinician", PASSWORD)
+    await core.security.users.assign(CLINICIAN, "patient-042")
+    agent = DeviceAgent(
+        DeviceConfig(
+            core.address, "patient-042", "zone-a", scenario="deteriorating", deterioration_s=20.0
+        )
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    await eventually(lambda: agent.session_id, 10, "device opened its session")
+    yield agent
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
+
+
+@pytest.fixture
+async def edge(edge_factory: EdgeFactory) -> EdgeServer:
+    return await edge_factory(media_udp_port_min=41200, media_udp_port_max=41263)
+
+
+async def frames_grow(page: Any, what: str) -> None:
+    await eventually(
+        lambda: page.evaluate("window.telehealth.remoteWidth() > 0"),
+        30,
+        f"{what}: video has a size",
+    )
+    first = await page.evaluate("window.telehealth.remoteFrames()")
+
+    async def more() -> bool:
+        return bool(await page.evaluate("window.telehealth.remoteFrames()") > first + 15)
+
+    await eventually(more, 30, f"{what}: frames keep being decoded")
+
+
+async def test_patient_page_and_console_see_each_other_through_the_edge(
+    core: CoreServer, edge: EdgeServer, device: DeviceAgent, tmp_path: Path
+) -> None:
+    sid = device.session_id
+    face = SyntheticFace(width=320, height=240, fps=15.0).write_y4m(tmp_path / "face.y4m", 4.0)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    async with playwright_api.async_playwright() as pw:
+        clinician = await launch(pw, tmp_path, "clinician", [])
+        patient = await launch(
+            pw, tmp_path, "patient", [f"--use-file-for-fake-video-capture={face}"]
+        )
+        try:
+            console = await clinician.new_page()
+            # Signed out, the console sends the clinician to sign in, and back after.
+            await console.goto(core.http.url + "/console")
+            await console.wait_for_url("**/login?next=/console")
+            await console.fill("#user", CLINICIAN)
+            await console.fill("#password", "not the password")
+            await console.click("#sign-in")
+            await console.wait_for_selector("#message:not([hidden])")
+            assert "do not match" in await console.text_content("#message")
+            await console.fill("#password", PASSWORD)
+            await console.click("#sign-in")
+            await console.wait_for_url("**/console")
+            await console.wait_for_selector(f"#clinician:has-text('Signed in as {CLINICIAN}')")
+            await console.wait_for_selector(f'tr[data-session="{sid}"]', timeout=20_000)
+            # Let the device's readings and a NEWS2 score arrive before the ward screenshot.
+            await eventually(
+                lambda: console.evaluate(
+                    f"(() => {{ const p = window.telehealth.patients.get('{sid}'); return p && p.news2 && p.latest.heart_rate_bpm; }})()"
+                ),
+                20,
+                "live vitals in the ward",
+            )
+            await console.wait_for_function(
+                f"document.querySelector('tr[data-session=\"{sid}\"] td:nth-child(3)').textContent.trim() !== '-'"
+            )
+            await console.screenshot(path=str(SCREENSHOTS / "console-ward.png"))
+
+            await console.click(f'tr[data-session="{sid}"]')
+            await console.click("#invite")
+            link = await eventually(
+                lambda: console.evaluate("window.telehealth.inviteLink"), 10, "invite link"
+            )
+            assert link.startswith(edge.media.http_url + "/patient#session=" + sid)
+
+            page = await patient.new_page()
+            await page.goto(link + "&autojoin=1")
+            await eventually(
+                lambda: page.evaluate("window.telehealth.connected"), 30, "patient connected"
+            )
+
+            await console.click("#call")
+            await eventually(
+                lambda: console.evaluate("window.telehealth.connected"), 30, "clinician connected"
+            )
+
+            await frames_grow(console, "clinician sees the patient")
+            await frames_grow(page, "patient sees the clinician")
+            assert edge.media.calls.peer_count == 2
+
+            # The edge's vision looks at the patient's picture and tells the page.
+            await eventually(lambda: page.evaluate("window.telehealth.hint"), 30, "a vision hint")
+            await eventually(
+                lambda: console.evaluate(
+                    "window.telehealth.stats && window.telehealth.stats.fps > 0"
+                ),
+                20,
+                "call quality figures",
+            )
+            await page.screenshot(path=str(SCREENSHOTS / "patient-page.png"), full_page=True)
+            await console.screenshot(path=str(SCREENSHOTS / "console-patient.png"))
+
+            await console.click("#hangup")
+            await page.click("#leave")
+            await eventually(lambda: edge.media.calls.peer_count == 0, 20, "edge closed both peers")
+        finally:
+            await clinician.close()
+            await patient.close()
+    for name in ("console-ward.png", "console-patient.png", "patient-page.png"):
+        assert (SCREENSHOTS / name).stat().st_size > 10_000
+    shutil.rmtree(tmp_path / "profile-clinician", ignore_errors=True)
+    shutil.rmtree(tmp_path / "profile-patient", ignore_errors=True)

