@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,10 +28,35 @@ DEFAULT_ZONES = ("zone-a", "zone-b", "zone-c")
 DEMO_LATENCY = {"zone-a": {"zone-b": 5.0, "zone-c": 12.0}, "zone-b": {"zone-c": 6.0}}
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+# Ports this process has handed out, so two children started in one run never get the same one.
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port for a child process to listen on.
+
+    Not bind(0): that port is ephemeral, and between our close and the child's bind the kernel
+    may give it to any outgoing connection on the machine (CI saw EADDRINUSE that way). A port
+    below the ephemeral range is never handed out by the kernel, so once it is checked free
+    here only another explicit listener can take it.
+    """
+    lo, hi = _ephemeral_range()
+    candidates = range(10000, lo) if lo > 11000 else range(hi + 1, 65536)
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.choice(candidates)
+        if port not in _handed_out and _port_free(port):
+            _handed_out.add(port)
+            return port
+    raise RuntimeError(f"no free loopback port in {candidates.start}-{candidates.stop - 1}")
 
 
 @dataclass
