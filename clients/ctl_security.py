@@ -39,9 +39,7 @@ def saved_token() -> str:
         return ""
 
 
-class BearerInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
-):
+class _Bearer:
     """Adds the login token to every call that does not carry its own authorization."""
 
     def __init__(self, token: str) -> None:
@@ -53,11 +51,22 @@ class BearerInterceptor(
             md.append(("authorization", f"Bearer {self._token}"))
         return d._replace(metadata=grpc.aio.Metadata(*md))
 
+
+class _BearerUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _BearerStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
+
+
+def bearer_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """One interceptor per call kind: grpc.aio files an interceptor under the first kind it
+    is an instance of, so one object serving both would never see server-streaming calls
+    (ExportFhir, Watch)."""
+    return [_BearerUnary(token), _BearerStream(token)]
 
 
 def _database_url(ns: argparse.Namespace) -> str:
