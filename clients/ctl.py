@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -15,8 +16,8 @@ from typing import TextIO
 import grpc
 
 from clients.ctl_security import (
-    BearerInterceptor,
     add_commands,
+    bearer_interceptors,
     cmd_login,
     local_commands,
     run_local,
@@ -152,19 +153,44 @@ async def cmd_drain(ch: grpc.aio.Channel, ns: argparse.Namespace, out: TextIO) -
 
 async def cmd_export(ch: grpc.aio.Channel, ns: argparse.Namespace, out: TextIO) -> int:
     stub = archive_pb2_grpc.ArchiveServiceStub(ch)
-    resp = await stub.ExportFhir(
+    call = stub.ExportFhir(
         archive_pb2.ExportFhirRequest(
             patient_id=ns.patient,
             from_unix_ns=int(ns.since * 1e9) if ns.since else 0,
             to_unix_ns=int(ns.until * 1e9) if ns.until else 0,
         ),
-        timeout=60,
+        timeout=600,
     )
+    # The core sends the record as pages of Bundles; the file is one Bundle of all their
+    # entries, written as the pages come so a long stay never sits in memory whole.
+    sink: TextIO = out
+    tmp: Path | None = None
     if ns.out:
-        await asyncio.to_thread(Path(ns.out).write_text, resp.bundle_json)
-        out.write(f"{resp.observations} observation(s) of {ns.patient} written to {ns.out}\n")
-    else:
-        out.write(resp.bundle_json + "\n")
+        tmp = Path(ns.out).with_name(Path(ns.out).name + ".partial")
+        sink = tmp.open("w", encoding="utf-8")
+    n = 0
+    try:
+        async for page in call:
+            doc = json.loads(page.bundle_json)
+            if page.page == 1:
+                head = json.dumps({k: v for k, v in doc.items() if k != "entry"})
+                sink.write(head[:-1] + ', "entry": [')
+            for e in doc.get("entry", []):
+                sink.write(("," if n else "") + "\n" + json.dumps(e, separators=(",", ":")))
+                n += 1
+            if ns.out and page.page % 10 == 0:
+                print(f"  {n} observation(s) so far ...", file=sys.stderr, flush=True)
+        sink.write("\n]}\n")
+    except BaseException:
+        if tmp is not None:
+            sink.close()
+            tmp.unlink(missing_ok=True)  # never leave half an export looking like a file
+        raise
+    if tmp is not None:
+        sink.close()
+    if tmp is not None:
+        tmp.replace(ns.out)  # only a complete export takes the file's name
+        out.write(f"{n} observation(s) of {ns.patient} written to {ns.out}\n")
     return 0
 
 
@@ -366,7 +392,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     async def run() -> int:
         # The login token (from `telehealth-ctl login` or TELEHEALTH_TOKEN) goes with every call.
         token = saved_token()
-        interceptors = [BearerInterceptor(token)] if token else None
+        interceptors = bearer_interceptors(token) if token else None
         async with secure_channel(ns.core, ns.tls, channel_options(), interceptors) as ch:
             return await COMMANDS[ns.command](ch, ns, out)
 

@@ -120,21 +120,36 @@ def observations(patient_id: str, v: vitals_pb2.VitalSigns) -> list[dict[str, An
     return out
 
 
-def bundle(patient_id: str, batches: Iterable[StoredBatch]) -> tuple[str, int]:
-    """Return the Bundle as JSON (validated) and the number of Observations in it."""
-    entries = []
+def entries(patient_id: str, batches: Iterable[StoredBatch]) -> list[dict[str, Any]]:
+    """Bundle entries (one per Observation) for the readings in these batches."""
+    out = []
     for stored in batches:
         b = vitals_pb2.VitalsBatch.FromString(stored.batch)
         for v in b.vitals:
             for o in observations(patient_id, v):
-                entries.append({"fullUrl": f"urn:uuid:{o['id']}", "resource": o})
-    doc = {
+                out.append({"fullUrl": f"urn:uuid:{o['id']}", "resource": o})
+    return out
+
+
+def bundle_doc(entry: list[dict[str, Any]]) -> dict[str, Any]:
+    """A collection Bundle of these entries, validated against the R4 models."""
+    doc: dict[str, Any] = {
         "resourceType": "Bundle",
         "id": str(uuid.uuid4()),
         "type": "collection",
         "timestamp": _when(time.time_ns()),
-        "entry": entries,
+        "entry": entry,
     }
     # Raises pydantic's ValidationError on anything the R4 models refuse.
     Bundle.model_validate(doc)
-    return json.dumps(doc, separators=(",", ":")), len(entries)
+    return doc
+
+
+def dumps(doc: Any) -> str:
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def bundle(patient_id: str, batches: Iterable[StoredBatch]) -> tuple[str, int]:
+    """Return the Bundle as JSON (validated) and the number of Observations in it."""
+    entry = entries(patient_id, batches)
+    return dumps(bundle_doc(entry)), len(entry)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 from core_services.archive import fhir
 from core_services.archive.archive import Archive
@@ -14,6 +16,8 @@ from telehealth.v1 import archive_pb2, archive_pb2_grpc, vitals_pb2
 MAX_QUERY = 10_000
 DEFAULT_QUERY = 1_000
 MAX_APPEND = 4_096
+DEFAULT_EXPORT_PAGE = 2_000
+MAX_EXPORT_PAGE = 10_000
 
 
 def archived_pb(s: StoredBatch) -> archive_pb2.ArchivedBatch:
@@ -74,11 +78,21 @@ class ArchiveServicer(archive_pb2_grpc.ArchiveServiceServicer):
 
     async def ExportFhir(
         self, request: archive_pb2.ExportFhirRequest, context: Context
-    ) -> archive_pb2.ExportFhirResponse:
-        text, n = await export_fhir(
-            self._archive, request.patient_id, request.from_unix_ns, request.to_unix_ns
+    ) -> AsyncIterator[archive_pb2.ExportFhirResponse]:
+        pages = export_pages(
+            self._archive,
+            request.patient_id,
+            request.from_unix_ns,
+            request.to_unix_ns,
+            request.page_size,
         )
-        return archive_pb2.ExportFhirResponse(bundle_json=text, observations=n)
+        async for page in pages:
+            yield archive_pb2.ExportFhirResponse(
+                bundle_json=fhir.dumps(page.bundle),
+                observations=len(page.bundle["entry"]),
+                page=page.number,
+                last=page.last,
+            )
 
     async def GetWatermark(
         self, request: archive_pb2.GetWatermarkRequest, context: Context
@@ -94,27 +108,52 @@ class ArchiveServicer(archive_pb2_grpc.ArchiveServiceServicer):
         )
 
 
-async def export_fhir(
-    archive: Archive, patient_id: str, from_ns: int, to_ns: int
-) -> tuple[str, int]:
-    """Shared by gRPC and HTTP: every archived reading of a patient in the window."""
+@dataclass(frozen=True)
+class ExportPage:
+    number: int
+    bundle: dict[str, Any]
+    last: bool
+
+
+def check_export(patient_id: str, from_ns: int, to_ns: int, page_size: int) -> int:
+    """Validate an export request; return the page size to use."""
     if not patient_id:
         raise InvalidArgument("patient_id must be set")
+    if from_ns < 0 or to_ns < 0:
+        raise InvalidArgument("the window's times cannot be negative")
     if to_ns and to_ns < from_ns:
         raise InvalidArgument("the end of the window is before its start")
-    rows: list[StoredBatch] = []
-    seen: set[tuple[str, int]] = set()
-    cursor = from_ns
+    if page_size > MAX_EXPORT_PAGE:
+        raise InvalidArgument(f"page_size must be at most {MAX_EXPORT_PAGE}")
+    return page_size or DEFAULT_EXPORT_PAGE
+
+
+async def export_pages(
+    archive: Archive, patient_id: str, from_ns: int, to_ns: int, page_size: int = 0
+) -> AsyncIterator[ExportPage]:
+    """Shared by gRPC and HTTP: every archived reading of a patient in the window, as
+    validated Bundles of at most page_size Observations, in time order. Memory stays at a
+    page however long the record (a whole stay runs to millions of Observations)."""
+    size = check_export(patient_id, from_ns, to_ns, page_size)
+    pending: list[dict[str, Any]] = []
+    number = 0
+    after: tuple[int, str, int] | None = None
     while True:
-        page = await archive.store.query(
-            patient_id=patient_id, from_ns=cursor, to_ns=to_ns, limit=MAX_QUERY
+        # Batches hold up to a few readings each, so a page of batches is about a page of
+        # Observations; a batch's readings are never split between pages.
+        rows = await archive.store.scan_patient(
+            patient_id, from_ns=from_ns, to_ns=to_ns, after=after, limit=size
         )
-        # Pages restart at the last device time, so rows at that instant come twice.
-        for r in page:
-            if (r.session_id, r.seq) not in seen:
-                seen.add((r.session_id, r.seq))
-                rows.append(r)
-        if len(page) < MAX_QUERY or page[-1].device_time_unix_ns == cursor:
-            break
-        cursor = page[-1].device_time_unix_ns
-    return fhir.bundle(patient_id, rows)
+        if rows:
+            last_row = rows[-1]
+            after = (last_row.device_time_unix_ns, last_row.session_id, last_row.seq)
+            pending += fhir.entries(patient_id, rows)
+        done = len(rows) < size
+        # A full page waits until one more entry (or the end) is known, so the page that
+        # carries last=True is never an empty one after a full one.
+        while len(pending) > size or (done and (pending or number == 0)):
+            page, pending = pending[:size], pending[size:]
+            number += 1
+            yield ExportPage(number, fhir.bundle_doc(page), done and not pending)
+        if done:
+            return

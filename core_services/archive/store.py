@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -125,6 +125,31 @@ class ArchiveStore:
             archived_batches.c.session_id,
             archived_batches.c.seq,
         ).limit(limit)
+        async with self._store.engine.connect() as conn:
+            rows = (await conn.execute(q)).all()
+        return [_row(r) for r in rows]
+
+    async def scan_patient(
+        self,
+        patient_id: str,
+        *,
+        from_ns: int = 0,
+        to_ns: int = 0,
+        after: tuple[int, str, int] | None = None,
+        limit: int = 1000,
+    ) -> list[StoredBatch]:
+        """One page of a patient's batches in (device time, session, seq) order, starting
+        after the key `after` (keyset paging: no row repeats or is skipped between pages,
+        and nothing earlier is held in memory)."""
+        t = archived_batches.c
+        q = select(archived_batches).where(t.patient_id == patient_id)
+        if from_ns:
+            q = q.where(t.device_time_unix_ns >= from_ns)
+        if to_ns:
+            q = q.where(t.device_time_unix_ns < to_ns)
+        if after is not None:
+            q = q.where(tuple_(t.device_time_unix_ns, t.session_id, t.seq) > tuple_(*after))
+        q = q.order_by(t.device_time_unix_ns, t.session_id, t.seq).limit(limit)
         async with self._store.engine.connect() as conn:
             rows = (await conn.execute(q)).all()
         return [_row(r) for r in rows]

@@ -444,6 +444,23 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
 
+        if handler.unary_stream is not None and rule is not None:
+            inner_ruled: Any = handler.unary_stream
+            checked_rule = rule
+
+            async def ruled_stream(request: Any, context: Context) -> AsyncIterator[Any]:
+                # Rules of streaming methods decide up front; none filters responses.
+                if await checked_rule(p, request, context) is not None:
+                    raise PermissionDenied(f"{method} has a rule that streams cannot apply")
+                async for resp in inner_ruled(request, context):
+                    yield resp
+
+            return grpc.unary_stream_rpc_method_handler(
+                ruled_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+
         log.warning("refusing a method with no access rule", extra={"method": method})
         if handler.unary_stream is not None:
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
@@ -54,6 +55,15 @@ CONNECT_TIMEOUT_S = 30.0
 QUALITY_PERIOD_S = 1.0
 
 
+@dataclass(frozen=True)
+class IceServerConfig:
+    """A STUN/TURN server as RTCConfiguration.iceServers takes it."""
+
+    urls: tuple[str, ...]
+    username: str = ""
+    credential: str = ""
+
+
 class AlreadyConnected(DomainError):
     code = ErrorCode.ALREADY_EXISTS
 
@@ -82,6 +92,8 @@ class Consultations:
         # Teardowns started from aiortc callbacks; held so they finish (and close() can wait).
         self._background: set[asyncio.Task[None]] = set()
         self._closing = False
+        # STUN/TURN servers handed to peers for their offers (empty: direct to the UDP range).
+        self.ice: list[IceServerConfig] = []
 
     # -- auth ---------------------------------------------------------------------------
 
@@ -242,6 +254,12 @@ class Consultations:
     def _check_connected(self, peer: Peer) -> None:
         if not peer.closed and peer.pc.connectionState != "connected":
             self._spawn(self._close_peer(peer, "never connected"))
+
+    def ice_servers(self, token: str | None, session_id: str) -> list[IceServerConfig]:
+        """The ICE servers a peer of this session builds its offer with: the configured
+        STUN/TURN servers (none when the edge's UDP range is reachable directly)."""
+        self.authorize(token, session_id, ROLES)
+        return list(self.ice)
 
     async def hangup(self, token: str | None, session_id: str, call_id: str) -> bool:
         self.authorize(token, session_id, ROLES)

@@ -35,6 +35,19 @@ class MediaServicer(media_pb2_grpc.MediaServiceServicer):
             mode=int(mode),  # type: ignore[arg-type]
         )
 
+    async def GetIceServers(
+        self, request: media_pb2.GetIceServersRequest, context: Context
+    ) -> media_pb2.GetIceServersResponse:
+        servers = self._calls.ice_servers(
+            token_from(context.invocation_metadata()), request.session_id
+        )
+        return media_pb2.GetIceServersResponse(
+            ice_servers=[
+                media_pb2.IceServer(urls=list(s.urls), username=s.username, credential=s.credential)
+                for s in servers
+            ]
+        )
+
     async def Hangup(
         self, request: media_pb2.HangupMediaRequest, context: Context
     ) -> media_pb2.HangupMediaResponse:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from telehealth.v1 import vitals_pb2 as telehealth_dot_v1_dot_vitals__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btelehealth/v1/archive.proto\x12\rtelehealth.v1\x1a\x1atelehealth/v1/vitals.proto\"\x92\x01\n\rArchivedBatch\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\npatient_id\x18\x02 \x01(\t\x12\x0f\n\x07\x65\x64ge_id\x18\x03 \x01(\t\x12\x1d\n\x15\x65\x64ge_received_unix_ns\x18\x04 \x01(\x03\x12)\n\x05\x62\x61tch\x18\x05 \x01(\x0b\x32\x1a.telehealth.v1.VitalsBatch\"{\n\x12\x41rchivedBatchBytes\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\npatient_id\x18\x02 \x01(\t\x12\x0f\n\x07\x65\x64ge_id\x18\x03 \x01(\t\x12\x1d\n\x15\x65\x64ge_received_unix_ns\x18\x04 \x01(\x03\x12\r\n\x05\x62\x61tch\x18\x05 \x01(\x0c\"z\n\x19\x41ppendBatchesBytesRequest\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12\x32\n\x07\x62\x61tches\x18\x02 \x03(\x0b\x32!.telehealth.v1.ArchivedBatchBytes\x12\x18\n\x10journal_position\x18\x03 \x01(\x04\"p\n\x14\x41ppendBatchesRequest\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12-\n\x07\x62\x61tches\x18\x02 \x03(\x0b\x32\x1c.telehealth.v1.ArchivedBatch\x12\x18\n\x10journal_position\x18\x03 \x01(\x04\"<\n\x10SessionWatermark\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchived_seq\x18\x02 \x01(\x04\"z\n\x15\x41ppendBatchesResponse\x12\x18\n\x10journal_position\x18\x01 \x01(\x04\x12\x33\n\nwatermarks\x18\x02 \x03(\x0b\x32\x1f.telehealth.v1.SessionWatermark\x12\x12\n\nduplicates\x18\x03 \x01(\r\"u\n\x12QueryVitalsRequest\x12\x12\n\npatient_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x14\n\x0c\x66rom_unix_ns\x18\x03 \x01(\x03\x12\x12\n\nto_unix_ns\x18\x04 \x01(\x03\x12\r\n\x05limit\x18\x05 \x01(\r\"W\n\x13QueryVitalsResponse\x12-\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x1c.telehealth.v1.ArchivedBatch\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"Q\n\x11\x45xportFhirRequest\x12\x12\n\npatient_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_unix_ns\x18\x02 \x01(\x03\x12\x12\n\nto_unix_ns\x18\x03 \x01(\x03\"?\n\x12\x45xportFhirResponse\x12\x13\n\x0b\x62undle_json\x18\x01 \x01(\t\x12\x14\n\x0cobservations\x18\x02 \x01(\r\")\n\x13GetWatermarkRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"d\n\x14GetWatermarkResponse\x12\x32\n\twatermark\x18\x01 \x01(\x0b\x32\x1f.telehealth.v1.SessionWatermark\x12\x18\n\x10\x61rchived_batches\x18\x02 \x01(\x04\x32\xeb\x02\n\x0e\x41rchiveService\x12W\n\x06\x41ppend\x12#.telehealth.v1.AppendBatchesRequest\x1a$.telehealth.v1.AppendBatchesResponse(\x01\x30\x01\x12T\n\x0bQueryVitals\x12!.telehealth.v1.QueryVitalsRequest\x1a\".telehealth.v1.QueryVitalsResponse\x12Q\n\nExportFhir\x12 .telehealth.v1.ExportFhirRequest\x1a!.telehealth.v1.ExportFhirResponse\x12W\n\x0cGetWatermark\x12\".telehealth.v1.GetWatermarkRequest\x1a#.telehealth.v1.GetWatermarkResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btelehealth/v1/archive.proto\x12\rtelehealth.v1\x1a\x1atelehealth/v1/vitals.proto\"\xa4\x01\n\rArchivedBatch\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\npatient_id\x18\x02 \x01(\t\x12\x0f\n\x07\x65\x64ge_id\x18\x03 \x01(\t\x12\x1d\n\x15\x65\x64ge_received_unix_ns\x18\x04 \x01(\x03\x12)\n\x05\x62\x61tch\x18\x05 \x01(\x0b\x32\x1a.telehealth.v1.VitalsBatch\x12\x10\n\x08rejected\x18\x06 \x01(\x08\"\x8d\x01\n\x12\x41rchivedBatchBytes\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\npatient_id\x18\x02 \x01(\t\x12\x0f\n\x07\x65\x64ge_id\x18\x03 \x01(\t\x12\x1d\n\x15\x65\x64ge_received_unix_ns\x18\x04 \x01(\x03\x12\r\n\x05\x62\x61tch\x18\x05 \x01(\x0c\x12\x10\n\x08rejected\x18\x06 \x01(\x08\"z\n\x19\x41ppendBatchesBytesRequest\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12\x32\n\x07\x62\x61tches\x18\x02 \x03(\x0b\x32!.telehealth.v1.ArchivedBatchBytes\x12\x18\n\x10journal_position\x18\x03 \x01(\x04\"p\n\x14\x41ppendBatchesRequest\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12-\n\x07\x62\x61tches\x18\x02 \x03(\x0b\x32\x1c.telehealth.v1.ArchivedBatch\x12\x18\n\x10journal_position\x18\x03 \x01(\x04\"<\n\x10SessionWatermark\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchived_seq\x18\x02 \x01(\x04\"z\n\x15\x41ppendBatchesResponse\x12\x18\n\x10journal_position\x18\x01 \x01(\x04\x12\x33\n\nwatermarks\x18\x02 \x03(\x0b\x32\x1f.telehealth.v1.SessionWatermark\x12\x12\n\nduplicates\x18\x03 \x01(\r\"u\n\x12QueryVitalsRequest\x12\x12\n\npatient_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x14\n\x0c\x66rom_unix_ns\x18\x03 \x01(\x03\x12\x12\n\nto_unix_ns\x18\x04 \x01(\x03\x12\r\n\x05limit\x18\x05 \x01(\r\"W\n\x13QueryVitalsResponse\x12-\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x1c.telehealth.v1.ArchivedBatch\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"d\n\x11\x45xportFhirRequest\x12\x12\n\npatient_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_unix_ns\x18\x02 \x01(\x03\x12\x12\n\nto_unix_ns\x18\x03 \x01(\x03\x12\x11\n\tpage_size\x18\x04 \x01(\r\"[\n\x12\x45xportFhirResponse\x12\x13\n\x0b\x62undle_json\x18\x01 \x01(\t\x12\x14\n\x0cobservations\x18\x02 \x01(\r\x12\x0c\n\x04page\x18\x03 \x01(\r\x12\x0c\n\x04last\x18\x04 \x01(\x08\")\n\x13GetWatermarkRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"d\n\x14GetWatermarkResponse\x12\x32\n\twatermark\x18\x01 \x01(\x0b\x32\x1f.telehealth.v1.SessionWatermark\x12\x18\n\x10\x61rchived_batches\x18\x02 \x01(\x04\x32\xed\x02\n\x0e\x41rchiveService\x12W\n\x06\x41ppend\x12#.telehealth.v1.AppendBatchesRequest\x1a$.telehealth.v1.AppendBatchesResponse(\x01\x30\x01\x12T\n\x0bQueryVitals\x12!.telehealth.v1.QueryVitalsRequest\x1a\".telehealth.v1.QueryVitalsResponse\x12S\n\nExportFhir\x12 .telehealth.v1.ExportFhirRequest\x1a!.telehealth.v1.ExportFhirResponse0\x01\x12W\n\x0cGetWatermark\x12\".telehealth.v1.GetWatermarkRequest\x1a#.telehealth.v1.GetWatermarkResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,29 +33,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'telehealth.v1.archive_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ARCHIVEDBATCH']._serialized_start=75
-  _globals['_ARCHIVEDBATCH']._serialized_end=221
-  _globals['_ARCHIVEDBATCHBYTES']._serialized_start=223
-  _globals['_ARCHIVEDBATCHBYTES']._serialized_end=346
-  _globals['_APPENDBATCHESBYTESREQUEST']._serialized_start=348
-  _globals['_APPENDBATCHESBYTESREQUEST']._serialized_end=470
-  _globals['_APPENDBATCHESREQUEST']._serialized_start=472
-  _globals['_APPENDBATCHESREQUEST']._serialized_end=584
-  _globals['_SESSIONWATERMARK']._serialized_start=586
-  _globals['_SESSIONWATERMARK']._serialized_end=646
-  _globals['_APPENDBATCHESRESPONSE']._serialized_start=648
-  _globals['_APPENDBATCHESRESPONSE']._serialized_end=770
-  _globals['_QUERYVITALSREQUEST']._serialized_start=772
-  _globals['_QUERYVITALSREQUEST']._serialized_end=889
-  _globals['_QUERYVITALSRESPONSE']._serialized_start=891
-  _globals['_QUERYVITALSRESPONSE']._serialized_end=978
-  _globals['_EXPORTFHIRREQUEST']._serialized_start=980
-  _globals['_EXPORTFHIRREQUEST']._serialized_end=1061
-  _globals['_EXPORTFHIRRESPONSE']._serialized_start=1063
-  _globals['_EXPORTFHIRRESPONSE']._serialized_end=1126
-  _globals['_GETWATERMARKREQUEST']._serialized_start=1128
-  _globals['_GETWATERMARKREQUEST']._serialized_end=1169
-  _globals['_GETWATERMARKRESPONSE']._serialized_start=1171
-  _globals['_GETWATERMARKRESPONSE']._serialized_end=1271
-  _globals['_ARCHIVESERVICE']._serialized_start=1274
-  _globals['_ARCHIVESERVICE']._serialized_end=1637
+  _globals['_ARCHIVEDBATCH']._serialized_end=239
+  _globals['_ARCHIVEDBATCHBYTES']._serialized_start=242
+  _globals['_ARCHIVEDBATCHBYTES']._serialized_end=383
+  _globals['_APPENDBATCHESBYTESREQUEST']._serialized_start=385
+  _globals['_APPENDBATCHESBYTESREQUEST']._serialized_end=507
+  _globals['_APPENDBATCHESREQUEST']._serialized_start=509
+  _globals['_APPENDBATCHESREQUEST']._serialized_end=621
+  _globals['_SESSIONWATERMARK']._serialized_start=623
+  _globals['_SESSIONWATERMARK']._serialized_end=683
+  _globals['_APPENDBATCHESRESPONSE']._serialized_start=685
+  _globals['_APPENDBATCHESRESPONSE']._serialized_end=807
+  _globals['_QUERYVITALSREQUEST']._serialized_start=809
+  _globals['_QUERYVITALSREQUEST']._serialized_end=926
+  _globals['_QUERYVITALSRESPONSE']._serialized_start=928
+  _globals['_QUERYVITALSRESPONSE']._serialized_end=1015
+  _globals['_EXPORTFHIRREQUEST']._serialized_start=1017
+  _globals['_EXPORTFHIRREQUEST']._serialized_end=1117
+  _globals['_EXPORTFHIRRESPONSE']._serialized_start=1119
+  _globals['_EXPORTFHIRRESPONSE']._serialized_end=1210
+  _globals['_GETWATERMARKREQUEST']._serialized_start=1212
+  _globals['_GETWATERMARKREQUEST']._serialized_end=1253
+  _globals['_GETWATERMARKRESPONSE']._serialized_start=1255
+  _globals['_GETWATERMARKRESPONSE']._serialized_end=1355
+  _globals['_ARCHIVESERVICE']._serialized_start=1358
+  _globals['_ARCHIVESERVICE']._serialized_end=1723
 # @@protoc_insertion_point(module_scope)

@@ -30,10 +30,15 @@ class ArchivedBatch(_message.Message):
     EDGE_ID_FIELD_NUMBER: _builtins.int
     EDGE_RECEIVED_UNIX_NS_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     patient_id: _builtins.str
     edge_id: _builtins.str
     edge_received_unix_ns: _builtins.int
+    rejected: _builtins.bool
+    """The edge refused this seq (bad input): only session_id and seq of batch are set, nothing
+    of it is stored as vitals, but the seq is consumed so the durable watermark passes it.
+    """
     @_builtins.property
     def batch(self) -> _vitals_pb2.VitalsBatch: ...
     def __init__(
@@ -44,10 +49,11 @@ class ArchivedBatch(_message.Message):
         edge_id: _builtins.str = ...,
         edge_received_unix_ns: _builtins.int = ...,
         batch: _vitals_pb2.VitalsBatch | None = ...,
+        rejected: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "edge_id", b"edge_id", "edge_received_unix_ns", b"edge_received_unix_ns", "patient_id", b"patient_id", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "edge_id", b"edge_id", "edge_received_unix_ns", b"edge_received_unix_ns", "patient_id", b"patient_id", "rejected", b"rejected", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -67,11 +73,13 @@ class ArchivedBatchBytes(_message.Message):
     EDGE_ID_FIELD_NUMBER: _builtins.int
     EDGE_RECEIVED_UNIX_NS_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     patient_id: _builtins.str
     edge_id: _builtins.str
     edge_received_unix_ns: _builtins.int
     batch: _builtins.bytes
+    rejected: _builtins.bool
     def __init__(
         self,
         *,
@@ -80,10 +88,11 @@ class ArchivedBatchBytes(_message.Message):
         edge_id: _builtins.str = ...,
         edge_received_unix_ns: _builtins.int = ...,
         batch: _builtins.bytes = ...,
+        rejected: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "edge_id", b"edge_id", "edge_received_unix_ns", b"edge_received_unix_ns", "patient_id", b"patient_id", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "edge_id", b"edge_id", "edge_received_unix_ns", b"edge_received_unix_ns", "patient_id", b"patient_id", "rejected", b"rejected", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -260,19 +269,24 @@ class ExportFhirRequest(_message.Message):
     PATIENT_ID_FIELD_NUMBER: _builtins.int
     FROM_UNIX_NS_FIELD_NUMBER: _builtins.int
     TO_UNIX_NS_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
     patient_id: _builtins.str
     from_unix_ns: _builtins.int
     to_unix_ns: _builtins.int
+    """0: no upper bound."""
+    page_size: _builtins.int
+    """Observations per page; 0: the server's default (2000), at most 10000."""
     def __init__(
         self,
         *,
         patient_id: _builtins.str = ...,
         from_unix_ns: _builtins.int = ...,
         to_unix_ns: _builtins.int = ...,
+        page_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_unix_ns", b"from_unix_ns", "patient_id", b"patient_id", "to_unix_ns", b"to_unix_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_unix_ns", b"from_unix_ns", "page_size", b"page_size", "patient_id", b"patient_id", "to_unix_ns", b"to_unix_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -280,22 +294,33 @@ Global___ExportFhirRequest: _TypeAlias = ExportFhirRequest  # noqa: Y015
 
 @_typing.final
 class ExportFhirResponse(_message.Message):
+    """One page of an export, in time order: a FHIR R4 Bundle (type collection) of vital-signs
+    Observations as JSON. A long record comes as many pages; the CLI joins them into one Bundle.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BUNDLE_JSON_FIELD_NUMBER: _builtins.int
     OBSERVATIONS_FIELD_NUMBER: _builtins.int
+    PAGE_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
     bundle_json: _builtins.str
-    """A FHIR R4 Bundle (type collection) of vital-signs Observations, as JSON."""
     observations: _builtins.int
+    """Observations in this page."""
+    page: _builtins.int
+    """From 1."""
+    last: _builtins.bool
     def __init__(
         self,
         *,
         bundle_json: _builtins.str = ...,
         observations: _builtins.int = ...,
+        page: _builtins.int = ...,
+        last: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_json", b"bundle_json", "observations", b"observations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_json", b"bundle_json", "last", b"last", "observations", b"observations", "page", b"page"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -44,7 +44,7 @@ class ArchiveServiceStub:
                 request_serializer=telehealth_dot_v1_dot_archive__pb2.QueryVitalsRequest.SerializeToString,
                 response_deserializer=telehealth_dot_v1_dot_archive__pb2.QueryVitalsResponse.FromString,
                 _registered_method=True)
-        self.ExportFhir = channel.unary_unary(
+        self.ExportFhir = channel.unary_stream(
                 '/telehealth.v1.ArchiveService/ExportFhir',
                 request_serializer=telehealth_dot_v1_dot_archive__pb2.ExportFhirRequest.SerializeToString,
                 response_deserializer=telehealth_dot_v1_dot_archive__pb2.ExportFhirResponse.FromString,
@@ -97,7 +97,7 @@ def add_ArchiveServiceServicer_to_server(servicer, server):
                     request_deserializer=telehealth_dot_v1_dot_archive__pb2.QueryVitalsRequest.FromString,
                     response_serializer=telehealth_dot_v1_dot_archive__pb2.QueryVitalsResponse.SerializeToString,
             ),
-            'ExportFhir': grpc.unary_unary_rpc_method_handler(
+            'ExportFhir': grpc.unary_stream_rpc_method_handler(
                     servicer.ExportFhir,
                     request_deserializer=telehealth_dot_v1_dot_archive__pb2.ExportFhirRequest.FromString,
                     response_serializer=telehealth_dot_v1_dot_archive__pb2.ExportFhirResponse.SerializeToString,
@@ -183,7 +183,7 @@ class ArchiveService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/telehealth.v1.ArchiveService/ExportFhir',

@@ -34,7 +34,7 @@ class ArchiveServiceStub:
     Append: _grpc.StreamStreamMultiCallable[_archive_pb2.AppendBatchesRequest, _archive_pb2.AppendBatchesResponse]
     """Edge to core: journaled batches up, durable watermarks down."""
     QueryVitals: _grpc.UnaryUnaryMultiCallable[_archive_pb2.QueryVitalsRequest, _archive_pb2.QueryVitalsResponse]
-    ExportFhir: _grpc.UnaryUnaryMultiCallable[_archive_pb2.ExportFhirRequest, _archive_pb2.ExportFhirResponse]
+    ExportFhir: _grpc.UnaryStreamMultiCallable[_archive_pb2.ExportFhirRequest, _archive_pb2.ExportFhirResponse]
     GetWatermark: _grpc.UnaryUnaryMultiCallable[_archive_pb2.GetWatermarkRequest, _archive_pb2.GetWatermarkResponse]
 
 @_typing.type_check_only
@@ -43,7 +43,7 @@ class ArchiveServiceAsyncStub(ArchiveServiceStub):
     Append: _aio.StreamStreamMultiCallable[_archive_pb2.AppendBatchesRequest, _archive_pb2.AppendBatchesResponse]  # type: ignore[assignment]
     """Edge to core: journaled batches up, durable watermarks down."""
     QueryVitals: _aio.UnaryUnaryMultiCallable[_archive_pb2.QueryVitalsRequest, _archive_pb2.QueryVitalsResponse]  # type: ignore[assignment]
-    ExportFhir: _aio.UnaryUnaryMultiCallable[_archive_pb2.ExportFhirRequest, _archive_pb2.ExportFhirResponse]  # type: ignore[assignment]
+    ExportFhir: _aio.UnaryStreamMultiCallable[_archive_pb2.ExportFhirRequest, _archive_pb2.ExportFhirResponse]  # type: ignore[assignment]
     GetWatermark: _aio.UnaryUnaryMultiCallable[_archive_pb2.GetWatermarkRequest, _archive_pb2.GetWatermarkResponse]  # type: ignore[assignment]
 
 class ArchiveServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -67,7 +67,7 @@ class ArchiveServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _archive_pb2.ExportFhirRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_archive_pb2.ExportFhirResponse, _abc.Awaitable[_archive_pb2.ExportFhirResponse]]: ...
+    ) -> _typing.Union[_abc.Iterator[_archive_pb2.ExportFhirResponse], _abc.AsyncIterator[_archive_pb2.ExportFhirResponse]]: ...
 
     @_abc_1.abstractmethod
     def GetWatermark(

@@ -26,43 +26,45 @@ from telehealth.v1 import sessions_pb2 as telehealth_dot_v1_dot_sessions__pb2
 from telehealth.v1 import vitals_pb2 as telehealth_dot_v1_dot_vitals__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19telehealth/v1/edges.proto\x12\rtelehealth.v1\x1a\x1ctelehealth/v1/sessions.proto\x1a\x1atelehealth/v1/vitals.proto\"\x82\x01\n\x08\x45\x64geLoad\x12\x17\n\x0f\x61\x63tive_sessions\x18\x01 \x01(\r\x12\x13\n\x0bsubscribers\x18\x02 \x01(\r\x12\x19\n\x11\x63\x61pacity_sessions\x18\x03 \x01(\r\x12\x13\n\x0b\x63pu_percent\x18\x04 \x01(\x02\x12\x18\n\x10\x62\x61tches_in_total\x18\x05 \x01(\x04\"\xd9\x01\n\x08\x45\x64geNode\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.telehealth.v1.EdgeState\x12%\n\x04load\x18\x05 \x01(\x0b\x32\x17.telehealth.v1.EdgeLoad\x12\x1e\n\x16last_heartbeat_unix_ns\x18\x06 \x01(\x03\x12\x17\n\x0fplaced_sessions\x18\x07 \x01(\r\x12\x14\n\x0chttp_address\x18\x08 \x01(\t\"\xc9\x01\n\rSessionReport\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x12\x13\n\x0bnews2_total\x18\x03 \x01(\x05\x12+\n\nnews2_band\x18\x04 \x01(\x0e\x32\x17.telehealth.v1.RiskBand\x12\x15\n\rnews2_unix_ns\x18\x05 \x01(\x03\x12\x13\n\x0bsubscribers\x18\x06 \x01(\r\x12\x12\n\npublishers\x18\x07 \x01(\r\x12\x10\n\x08\x61ssigned\x18\x08 \x01(\x08\"\xc5\x01\n\x10HeartbeatRequest\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12%\n\x04load\x18\x04 \x01(\x0b\x32\x17.telehealth.v1.EdgeLoad\x12.\n\x08sessions\x18\x05 \x03(\x0b\x32\x1c.telehealth.v1.SessionReport\x12\x14\n\x0csent_unix_ns\x18\x06 \x01(\x03\x12\x14\n\x0chttp_address\x18\x07 \x01(\t\"3\n\x08TokenKey\x12\x0b\n\x03kid\x18\x01 \x01(\t\x12\x1a\n\x12\x65\x64\x32\x35\x35\x31\x39_public_key\x18\x02 \x01(\x0c\"2\n\tTokenKeys\x12%\n\x04keys\x18\x01 \x03(\x0b\x32\x17.telehealth.v1.TokenKey\":\n\x0fSessionAssigned\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.telehealth.v1.Session\"d\n\x0fSessionReleased\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0bnew_edge_id\x18\x03 \x01(\t\x12\x18\n\x10new_edge_address\x18\x04 \x01(\t\"\x1d\n\tDrainEdge\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\"\x86\x02\n\x11HeartbeatResponse\x12\x14\n\x0csent_unix_ns\x18\x01 \x01(\x03\x12.\n\ntoken_keys\x18\x02 \x01(\x0b\x32\x18.telehealth.v1.TokenKeysH\x00\x12\x32\n\x08\x61ssigned\x18\x03 \x01(\x0b\x32\x1e.telehealth.v1.SessionAssignedH\x00\x12\x32\n\x08released\x18\x04 \x01(\x0b\x32\x1e.telehealth.v1.SessionReleasedH\x00\x12)\n\x05\x64rain\x18\x05 \x01(\x0b\x32\x18.telehealth.v1.DrainEdgeH\x00\x12\r\n\x03\x61\x63k\x18\x06 \x01(\x08H\x00\x42\t\n\x07\x63ommand\" \n\x10ListEdgesRequest\x12\x0c\n\x04zone\x18\x01 \x01(\t\";\n\x11ListEdgesResponse\x12&\n\x05\x65\x64ges\x18\x01 \x03(\x0b\x32\x17.telehealth.v1.EdgeNode\"5\n\x10\x44rainEdgeRequest\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\":\n\x11\x44rainEdgeResponse\x12%\n\x04\x65\x64ge\x18\x01 \x01(\x0b\x32\x17.telehealth.v1.EdgeNode*m\n\tEdgeState\x12\x1a\n\x16\x45\x44GE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45\x44GE_STATE_HEALTHY\x10\x01\x12\x17\n\x13\x45\x44GE_STATE_DRAINING\x10\x02\x12\x13\n\x0f\x45\x44GE_STATE_DEAD\x10\x03\x32\xfe\x01\n\x0c\x45\x64gesService\x12R\n\tHeartbeat\x12\x1f.telehealth.v1.HeartbeatRequest\x1a .telehealth.v1.HeartbeatResponse(\x01\x30\x01\x12N\n\tListEdges\x12\x1f.telehealth.v1.ListEdgesRequest\x1a .telehealth.v1.ListEdgesResponse\x12J\n\x05\x44rain\x12\x1f.telehealth.v1.DrainEdgeRequest\x1a .telehealth.v1.DrainEdgeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19telehealth/v1/edges.proto\x12\rtelehealth.v1\x1a\x1ctelehealth/v1/sessions.proto\x1a\x1atelehealth/v1/vitals.proto\"\x82\x01\n\x08\x45\x64geLoad\x12\x17\n\x0f\x61\x63tive_sessions\x18\x01 \x01(\r\x12\x13\n\x0bsubscribers\x18\x02 \x01(\r\x12\x19\n\x11\x63\x61pacity_sessions\x18\x03 \x01(\r\x12\x13\n\x0b\x63pu_percent\x18\x04 \x01(\x02\x12\x18\n\x10\x62\x61tches_in_total\x18\x05 \x01(\x04\"\xf2\x01\n\x08\x45\x64geNode\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.telehealth.v1.EdgeState\x12%\n\x04load\x18\x05 \x01(\x0b\x32\x17.telehealth.v1.EdgeLoad\x12\x1e\n\x16last_heartbeat_unix_ns\x18\x06 \x01(\x03\x12\x17\n\x0fplaced_sessions\x18\x07 \x01(\r\x12\x14\n\x0chttp_address\x18\x08 \x01(\t\x12\x17\n\x0ftls_server_name\x18\t \x01(\t\"\xc9\x01\n\rSessionReport\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x12\x13\n\x0bnews2_total\x18\x03 \x01(\x05\x12+\n\nnews2_band\x18\x04 \x01(\x0e\x32\x17.telehealth.v1.RiskBand\x12\x15\n\rnews2_unix_ns\x18\x05 \x01(\x03\x12\x13\n\x0bsubscribers\x18\x06 \x01(\r\x12\x12\n\npublishers\x18\x07 \x01(\r\x12\x10\n\x08\x61ssigned\x18\x08 \x01(\x08\"\xde\x01\n\x10HeartbeatRequest\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12%\n\x04load\x18\x04 \x01(\x0b\x32\x17.telehealth.v1.EdgeLoad\x12.\n\x08sessions\x18\x05 \x03(\x0b\x32\x1c.telehealth.v1.SessionReport\x12\x14\n\x0csent_unix_ns\x18\x06 \x01(\x03\x12\x14\n\x0chttp_address\x18\x07 \x01(\t\x12\x17\n\x0ftls_server_name\x18\x08 \x01(\t\"3\n\x08TokenKey\x12\x0b\n\x03kid\x18\x01 \x01(\t\x12\x1a\n\x12\x65\x64\x32\x35\x35\x31\x39_public_key\x18\x02 \x01(\x0c\"2\n\tTokenKeys\x12%\n\x04keys\x18\x01 \x03(\x0b\x32\x17.telehealth.v1.TokenKey\":\n\x0fSessionAssigned\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.telehealth.v1.Session\"d\n\x0fSessionReleased\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0bnew_edge_id\x18\x03 \x01(\t\x12\x18\n\x10new_edge_address\x18\x04 \x01(\t\"\x1d\n\tDrainEdge\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\"O\n\x14SessionMovingCommand\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bnew_edge_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xbd\x02\n\x11HeartbeatResponse\x12\x14\n\x0csent_unix_ns\x18\x01 \x01(\x03\x12.\n\ntoken_keys\x18\x02 \x01(\x0b\x32\x18.telehealth.v1.TokenKeysH\x00\x12\x32\n\x08\x61ssigned\x18\x03 \x01(\x0b\x32\x1e.telehealth.v1.SessionAssignedH\x00\x12\x32\n\x08released\x18\x04 \x01(\x0b\x32\x1e.telehealth.v1.SessionReleasedH\x00\x12)\n\x05\x64rain\x18\x05 \x01(\x0b\x32\x18.telehealth.v1.DrainEdgeH\x00\x12\r\n\x03\x61\x63k\x18\x06 \x01(\x08H\x00\x12\x35\n\x06moving\x18\x07 \x01(\x0b\x32#.telehealth.v1.SessionMovingCommandH\x00\x42\t\n\x07\x63ommand\" \n\x10ListEdgesRequest\x12\x0c\n\x04zone\x18\x01 \x01(\t\";\n\x11ListEdgesResponse\x12&\n\x05\x65\x64ges\x18\x01 \x03(\x0b\x32\x17.telehealth.v1.EdgeNode\"5\n\x10\x44rainEdgeRequest\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\":\n\x11\x44rainEdgeResponse\x12%\n\x04\x65\x64ge\x18\x01 \x01(\x0b\x32\x17.telehealth.v1.EdgeNode*m\n\tEdgeState\x12\x1a\n\x16\x45\x44GE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45\x44GE_STATE_HEALTHY\x10\x01\x12\x17\n\x13\x45\x44GE_STATE_DRAINING\x10\x02\x12\x13\n\x0f\x45\x44GE_STATE_DEAD\x10\x03\x32\xfe\x01\n\x0c\x45\x64gesService\x12R\n\tHeartbeat\x12\x1f.telehealth.v1.HeartbeatRequest\x1a .telehealth.v1.HeartbeatResponse(\x01\x30\x01\x12N\n\tListEdges\x12\x1f.telehealth.v1.ListEdgesRequest\x1a .telehealth.v1.ListEdgesResponse\x12J\n\x05\x44rain\x12\x1f.telehealth.v1.DrainEdgeRequest\x1a .telehealth.v1.DrainEdgeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'telehealth.v1.edges_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EDGESTATE']._serialized_start=1632
-  _globals['_EDGESTATE']._serialized_end=1741
+  _globals['_EDGESTATE']._serialized_start=1818
+  _globals['_EDGESTATE']._serialized_end=1927
   _globals['_EDGELOAD']._serialized_start=103
   _globals['_EDGELOAD']._serialized_end=233
   _globals['_EDGENODE']._serialized_start=236
-  _globals['_EDGENODE']._serialized_end=453
-  _globals['_SESSIONREPORT']._serialized_start=456
-  _globals['_SESSIONREPORT']._serialized_end=657
-  _globals['_HEARTBEATREQUEST']._serialized_start=660
-  _globals['_HEARTBEATREQUEST']._serialized_end=857
-  _globals['_TOKENKEY']._serialized_start=859
-  _globals['_TOKENKEY']._serialized_end=910
-  _globals['_TOKENKEYS']._serialized_start=912
-  _globals['_TOKENKEYS']._serialized_end=962
-  _globals['_SESSIONASSIGNED']._serialized_start=964
-  _globals['_SESSIONASSIGNED']._serialized_end=1022
-  _globals['_SESSIONRELEASED']._serialized_start=1024
-  _globals['_SESSIONRELEASED']._serialized_end=1124
-  _globals['_DRAINEDGE']._serialized_start=1126
-  _globals['_DRAINEDGE']._serialized_end=1155
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1158
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1420
-  _globals['_LISTEDGESREQUEST']._serialized_start=1422
-  _globals['_LISTEDGESREQUEST']._serialized_end=1454
-  _globals['_LISTEDGESRESPONSE']._serialized_start=1456
-  _globals['_LISTEDGESRESPONSE']._serialized_end=1515
-  _globals['_DRAINEDGEREQUEST']._serialized_start=1517
-  _globals['_DRAINEDGEREQUEST']._serialized_end=1570
-  _globals['_DRAINEDGERESPONSE']._serialized_start=1572
-  _globals['_DRAINEDGERESPONSE']._serialized_end=1630
-  _globals['_EDGESSERVICE']._serialized_start=1744
-  _globals['_EDGESSERVICE']._serialized_end=1998
+  _globals['_EDGENODE']._serialized_end=478
+  _globals['_SESSIONREPORT']._serialized_start=481
+  _globals['_SESSIONREPORT']._serialized_end=682
+  _globals['_HEARTBEATREQUEST']._serialized_start=685
+  _globals['_HEARTBEATREQUEST']._serialized_end=907
+  _globals['_TOKENKEY']._serialized_start=909
+  _globals['_TOKENKEY']._serialized_end=960
+  _globals['_TOKENKEYS']._serialized_start=962
+  _globals['_TOKENKEYS']._serialized_end=1012
+  _globals['_SESSIONASSIGNED']._serialized_start=1014
+  _globals['_SESSIONASSIGNED']._serialized_end=1072
+  _globals['_SESSIONRELEASED']._serialized_start=1074
+  _globals['_SESSIONRELEASED']._serialized_end=1174
+  _globals['_DRAINEDGE']._serialized_start=1176
+  _globals['_DRAINEDGE']._serialized_end=1205
+  _globals['_SESSIONMOVINGCOMMAND']._serialized_start=1207
+  _globals['_SESSIONMOVINGCOMMAND']._serialized_end=1286
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1289
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1606
+  _globals['_LISTEDGESREQUEST']._serialized_start=1608
+  _globals['_LISTEDGESREQUEST']._serialized_end=1640
+  _globals['_LISTEDGESRESPONSE']._serialized_start=1642
+  _globals['_LISTEDGESRESPONSE']._serialized_end=1701
+  _globals['_DRAINEDGEREQUEST']._serialized_start=1703
+  _globals['_DRAINEDGEREQUEST']._serialized_end=1756
+  _globals['_DRAINEDGERESPONSE']._serialized_start=1758
+  _globals['_DRAINEDGERESPONSE']._serialized_end=1816
+  _globals['_EDGESSERVICE']._serialized_start=1930
+  _globals['_EDGESSERVICE']._serialized_end=2184
 # @@protoc_insertion_point(module_scope)

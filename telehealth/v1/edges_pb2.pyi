@@ -84,6 +84,7 @@ class EdgeNode(_message.Message):
     LAST_HEARTBEAT_UNIX_NS_FIELD_NUMBER: _builtins.int
     PLACED_SESSIONS_FIELD_NUMBER: _builtins.int
     HTTP_ADDRESS_FIELD_NUMBER: _builtins.int
+    TLS_SERVER_NAME_FIELD_NUMBER: _builtins.int
     edge_id: _builtins.str
     zone: _builtins.str
     address: _builtins.str
@@ -93,6 +94,8 @@ class EdgeNode(_message.Message):
     placed_sessions: _builtins.int
     http_address: _builtins.str
     """Base URL of the edge's HTTP side, as reported in its heartbeat."""
+    tls_server_name: _builtins.str
+    """Name in the edge's server certificate, for clients that dial it by IP address."""
     @_builtins.property
     def load(self) -> Global___EdgeLoad: ...
     def __init__(
@@ -106,10 +109,11 @@ class EdgeNode(_message.Message):
         last_heartbeat_unix_ns: _builtins.int = ...,
         placed_sessions: _builtins.int = ...,
         http_address: _builtins.str = ...,
+        tls_server_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "edge_id", b"edge_id", "http_address", b"http_address", "last_heartbeat_unix_ns", b"last_heartbeat_unix_ns", "load", b"load", "placed_sessions", b"placed_sessions", "state", b"state", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "edge_id", b"edge_id", "http_address", b"http_address", "last_heartbeat_unix_ns", b"last_heartbeat_unix_ns", "load", b"load", "placed_sessions", b"placed_sessions", "state", b"state", "tls_server_name", b"tls_server_name", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -170,12 +174,15 @@ class HeartbeatRequest(_message.Message):
     SESSIONS_FIELD_NUMBER: _builtins.int
     SENT_UNIX_NS_FIELD_NUMBER: _builtins.int
     HTTP_ADDRESS_FIELD_NUMBER: _builtins.int
+    TLS_SERVER_NAME_FIELD_NUMBER: _builtins.int
     edge_id: _builtins.str
     zone: _builtins.str
     address: _builtins.str
     sent_unix_ns: _builtins.int
     http_address: _builtins.str
     """Base URL of the edge's HTTP side (patient page, browser signalling, vitals WebSocket)."""
+    tls_server_name: _builtins.str
+    """Name in the edge's server certificate, for clients that dial it by IP address."""
     @_builtins.property
     def load(self) -> Global___EdgeLoad: ...
     @_builtins.property
@@ -190,10 +197,11 @@ class HeartbeatRequest(_message.Message):
         sessions: _abc.Iterable[Global___SessionReport] | None = ...,
         sent_unix_ns: _builtins.int = ...,
         http_address: _builtins.str = ...,
+        tls_server_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "edge_id", b"edge_id", "http_address", b"http_address", "load", b"load", "sent_unix_ns", b"sent_unix_ns", "sessions", b"sessions", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "edge_id", b"edge_id", "http_address", b"http_address", "load", b"load", "sent_unix_ns", b"sent_unix_ns", "sessions", b"sessions", "tls_server_name", b"tls_server_name", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -314,6 +322,35 @@ class DrainEdge(_message.Message):
 Global___DrainEdge: _TypeAlias = DrainEdge  # noqa: Y015
 
 @_typing.final
+class SessionMovingCommand(_message.Message):
+    """The session is moving off this edge make-before-break: tell its publisher and viewers
+    (SessionMoving), keep serving them, and let go only when SessionReleased follows.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    NEW_EDGE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    new_edge_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        new_edge_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_edge_id", b"new_edge_id", "reason", b"reason", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionMovingCommand: _TypeAlias = SessionMovingCommand  # noqa: Y015
+
+@_typing.final
 class HeartbeatResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -323,6 +360,7 @@ class HeartbeatResponse(_message.Message):
     RELEASED_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
+    MOVING_FIELD_NUMBER: _builtins.int
     sent_unix_ns: _builtins.int
     ack: _builtins.bool
     """Reply to a load report; nothing to do."""
@@ -334,6 +372,8 @@ class HeartbeatResponse(_message.Message):
     def released(self) -> Global___SessionReleased: ...
     @_builtins.property
     def drain(self) -> Global___DrainEdge: ...
+    @_builtins.property
+    def moving(self) -> Global___SessionMovingCommand: ...
     def __init__(
         self,
         *,
@@ -343,12 +383,13 @@ class HeartbeatResponse(_message.Message):
         released: Global___SessionReleased | None = ...,
         drain: Global___DrainEdge | None = ...,
         ack: _builtins.bool = ...,
+        moving: Global___SessionMovingCommand | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assigned", b"assigned", "command", b"command", "drain", b"drain", "released", b"released", "token_keys", b"token_keys"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assigned", b"assigned", "command", b"command", "drain", b"drain", "moving", b"moving", "released", b"released", "token_keys", b"token_keys"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assigned", b"assigned", "command", b"command", "drain", b"drain", "released", b"released", "sent_unix_ns", b"sent_unix_ns", "token_keys", b"token_keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assigned", b"assigned", "command", b"command", "drain", b"drain", "moving", b"moving", "released", b"released", "sent_unix_ns", b"sent_unix_ns", "token_keys", b"token_keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["token_keys", "assigned", "released", "drain", "ack"]  # noqa: Y015
+    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["token_keys", "assigned", "released", "drain", "ack", "moving"]  # noqa: Y015
     _WhichOneofArgType_command: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_command) -> _WhichOneofReturnType_command | None: ...
 

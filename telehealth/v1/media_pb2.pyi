@@ -6,8 +6,10 @@ Browsers use the edge's HTTP endpoint with the same token rules; media itself fl
 WebRTC (DTLS-SRTP over UDP) directly between the peer and the edge, never through gRPC.
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from telehealth.v1 import sessions_pb2 as _sessions_pb2
 from telehealth.v1 import vitals_pb2 as _vitals_pb2
@@ -126,6 +128,79 @@ class NegotiateMediaResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NegotiateMediaResponse: _TypeAlias = NegotiateMediaResponse  # noqa: Y015
+
+@_typing.final
+class GetIceServersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetIceServersRequest: _TypeAlias = GetIceServersRequest  # noqa: Y015
+
+@_typing.final
+class IceServer(_message.Message):
+    """A STUN or TURN server for RTCConfiguration.iceServers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URLS_FIELD_NUMBER: _builtins.int
+    USERNAME_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    """TURN only: short-lived credentials (coturn's use-auth-secret scheme)."""
+    credential: _builtins.str
+    @_builtins.property
+    def urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        urls: _abc.Iterable[_builtins.str] | None = ...,
+        username: _builtins.str = ...,
+        credential: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "urls", b"urls", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IceServer: _TypeAlias = IceServer  # noqa: Y015
+
+@_typing.final
+class GetIceServersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ICE_SERVERS_FIELD_NUMBER: _builtins.int
+    EXPIRES_UNIX_NS_FIELD_NUMBER: _builtins.int
+    expires_unix_ns: _builtins.int
+    @_builtins.property
+    def ice_servers(self) -> _containers.RepeatedCompositeFieldContainer[Global___IceServer]:
+        """Empty when peers reach the edge directly (its UDP range is routable)."""
+
+    def __init__(
+        self,
+        *,
+        ice_servers: _abc.Iterable[Global___IceServer] | None = ...,
+        expires_unix_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_unix_ns", b"expires_unix_ns", "ice_servers", b"ice_servers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetIceServersResponse: _TypeAlias = GetIceServersResponse  # noqa: Y015
 
 @_typing.final
 class HangupMediaRequest(_message.Message):

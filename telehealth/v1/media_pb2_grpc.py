@@ -39,6 +39,11 @@ class MediaServiceStub:
                 request_serializer=telehealth_dot_v1_dot_media__pb2.NegotiateMediaRequest.SerializeToString,
                 response_deserializer=telehealth_dot_v1_dot_media__pb2.NegotiateMediaResponse.FromString,
                 _registered_method=True)
+        self.GetIceServers = channel.unary_unary(
+                '/telehealth.v1.MediaService/GetIceServers',
+                request_serializer=telehealth_dot_v1_dot_media__pb2.GetIceServersRequest.SerializeToString,
+                response_deserializer=telehealth_dot_v1_dot_media__pb2.GetIceServersResponse.FromString,
+                _registered_method=True)
         self.Hangup = channel.unary_unary(
                 '/telehealth.v1.MediaService/Hangup',
                 request_serializer=telehealth_dot_v1_dot_media__pb2.HangupMediaRequest.SerializeToString,
@@ -56,6 +61,13 @@ class MediaServiceServicer:
 
     def Negotiate(self, request, context):
         """Offer in, answer out: one peer connection per call to the edge.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetIceServers(self, request, context):
+        """ICE servers (TURN relay with credentials) to build the offer with, for this session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -81,6 +93,11 @@ def add_MediaServiceServicer_to_server(servicer, server):
                     servicer.Negotiate,
                     request_deserializer=telehealth_dot_v1_dot_media__pb2.NegotiateMediaRequest.FromString,
                     response_serializer=telehealth_dot_v1_dot_media__pb2.NegotiateMediaResponse.SerializeToString,
+            ),
+            'GetIceServers': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetIceServers,
+                    request_deserializer=telehealth_dot_v1_dot_media__pb2.GetIceServersRequest.FromString,
+                    response_serializer=telehealth_dot_v1_dot_media__pb2.GetIceServersResponse.SerializeToString,
             ),
             'Hangup': grpc.unary_unary_rpc_method_handler(
                     servicer.Hangup,
@@ -120,6 +137,33 @@ class MediaService:
             '/telehealth.v1.MediaService/Negotiate',
             telehealth_dot_v1_dot_media__pb2.NegotiateMediaRequest.SerializeToString,
             telehealth_dot_v1_dot_media__pb2.NegotiateMediaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetIceServers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/telehealth.v1.MediaService/GetIceServers',
+            telehealth_dot_v1_dot_media__pb2.GetIceServersRequest.SerializeToString,
+            telehealth_dot_v1_dot_media__pb2.GetIceServersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,6 +36,8 @@ class MediaServiceStub:
     def __new__(cls, channel: _aio.Channel) -> MediaServiceAsyncStub: ...
     Negotiate: _grpc.UnaryUnaryMultiCallable[_media_pb2.NegotiateMediaRequest, _media_pb2.NegotiateMediaResponse]
     """Offer in, answer out: one peer connection per call to the edge."""
+    GetIceServers: _grpc.UnaryUnaryMultiCallable[_media_pb2.GetIceServersRequest, _media_pb2.GetIceServersResponse]
+    """ICE servers (TURN relay with credentials) to build the offer with, for this session."""
     Hangup: _grpc.UnaryUnaryMultiCallable[_media_pb2.HangupMediaRequest, _media_pb2.HangupMediaResponse]
     WatchCall: _grpc.UnaryStreamMultiCallable[_media_pb2.WatchCallRequest, _media_pb2.WatchCallResponse]
     """Call state and vision hints of one session while the stream is open."""
@@ -45,6 +47,8 @@ class MediaServiceAsyncStub(MediaServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Negotiate: _aio.UnaryUnaryMultiCallable[_media_pb2.NegotiateMediaRequest, _media_pb2.NegotiateMediaResponse]  # type: ignore[assignment]
     """Offer in, answer out: one peer connection per call to the edge."""
+    GetIceServers: _aio.UnaryUnaryMultiCallable[_media_pb2.GetIceServersRequest, _media_pb2.GetIceServersResponse]  # type: ignore[assignment]
+    """ICE servers (TURN relay with credentials) to build the offer with, for this session."""
     Hangup: _aio.UnaryUnaryMultiCallable[_media_pb2.HangupMediaRequest, _media_pb2.HangupMediaResponse]  # type: ignore[assignment]
     WatchCall: _aio.UnaryStreamMultiCallable[_media_pb2.WatchCallRequest, _media_pb2.WatchCallResponse]  # type: ignore[assignment]
     """Call state and vision hints of one session while the stream is open."""
@@ -57,6 +61,14 @@ class MediaServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_media_pb2.NegotiateMediaResponse, _abc.Awaitable[_media_pb2.NegotiateMediaResponse]]:
         """Offer in, answer out: one peer connection per call to the edge."""
+
+    @_abc_1.abstractmethod
+    def GetIceServers(
+        self,
+        request: _media_pb2.GetIceServersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_media_pb2.GetIceServersResponse, _abc.Awaitable[_media_pb2.GetIceServersResponse]]:
+        """ICE servers (TURN relay with credentials) to build the offer with, for this session."""
 
     @_abc_1.abstractmethod
     def Hangup(

@@ -25,47 +25,47 @@ _sym_db = _symbol_database.Default()
 from telehealth.v1 import vitals_pb2 as telehealth_dot_v1_dot_vitals__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctelehealth/v1/sessions.proto\x12\rtelehealth.v1\x1a\x1atelehealth/v1/vitals.proto\"\x85\x03\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\npatient_id\x18\x02 \x01(\t\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x0f\n\x07\x65\x64ge_id\x18\x04 \x01(\t\x12\x14\n\x0c\x65\x64ge_address\x18\x05 \x01(\t\x12*\n\x05state\x18\x06 \x01(\x0e\x32\x1b.telehealth.v1.SessionState\x12,\n\nspo2_scale\x18\x07 \x01(\x0e\x32\x18.telehealth.v1.SpO2Scale\x12\x16\n\x0eopened_unix_ns\x18\x08 \x01(\x03\x12\x16\n\x0e\x63losed_unix_ns\x18\t \x01(\x03\x12\x13\n\x0bnews2_total\x18\n \x01(\x05\x12+\n\nnews2_band\x18\x0b \x01(\x0e\x32\x17.telehealth.v1.RiskBand\x12\x15\n\rnews2_unix_ns\x18\x0c \x01(\x03\x12\x10\n\x08last_seq\x18\r \x01(\x04\x12\x12\n\nplacements\x18\x0e \x01(\r\x12\x14\n\x0c\x61rchived_seq\x18\x0f \x01(\x04\"\x98\x01\n\nAssignment\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65\x64ge_id\x18\x02 \x01(\t\x12\x14\n\x0c\x65\x64ge_address\x18\x03 \x01(\t\x12\r\n\x05token\x18\x04 \x01(\t\x12\x1d\n\x15token_expires_unix_ns\x18\x05 \x01(\x03\x12!\n\x04role\x18\x06 \x01(\x0e\x32\x13.telehealth.v1.Role\"w\n\x12OpenSessionRequest\x12\x12\n\npatient_id\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12,\n\nspo2_scale\x18\x03 \x01(\x0e\x32\x18.telehealth.v1.SpO2Scale\x12\x11\n\tdevice_id\x18\x04 \x01(\t\"m\n\x13OpenSessionResponse\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.telehealth.v1.Session\x12-\n\nassignment\x18\x02 \x01(\x0b\x32\x19.telehealth.v1.Assignment\"j\n\x14\x41ttachSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x04role\x18\x02 \x01(\x0e\x32\x13.telehealth.v1.Role\x12\x1b\n\x13unreachable_edge_id\x18\x03 \x01(\t\"o\n\x15\x41ttachSessionResponse\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.telehealth.v1.Session\x12-\n\nassignment\x18\x02 \x01(\x0b\x32\x19.telehealth.v1.Assignment\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"?\n\x14\x43loseSessionResponse\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.telehealth.v1.Session\"5\n\x11\x43hangeZoneRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\"{\n\x12\x43hangeZoneResponse\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.telehealth.v1.Session\x12-\n\nassignment\x18\x02 \x01(\x0b\x32\x19.telehealth.v1.Assignment\x12\r\n\x05moved\x18\x03 \x01(\x08\"L\n\x13ListSessionsRequest\x12\x0c\n\x04zone\x18\x01 \x01(\t\x12\x0f\n\x07\x65\x64ge_id\x18\x02 \x01(\t\x12\x16\n\x0einclude_closed\x18\x03 \x01(\x08\"@\n\x14ListSessionsResponse\x12(\n\x08sessions\x18\x01 \x03(\x0b\x32\x16.telehealth.v1.Session\"*\n\x14WatchSessionsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x86\x01\n\x15WatchSessionsResponse\x12-\n\x04kind\x18\x01 \x01(\x0e\x32\x1f.telehealth.v1.SessionEventKind\x12\'\n\x07session\x18\x02 \x01(\x0b\x32\x16.telehealth.v1.Session\x12\x15\n\revent_unix_ns\x18\x03 \x01(\x03*_\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12SESSION_STATE_OPEN\x10\x01\x12\x18\n\x14SESSION_STATE_CLOSED\x10\x02*T\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x12\n\x0eROLE_PUBLISHER\x10\x01\x12\x0f\n\x0bROLE_VIEWER\x10\x02\x12\x11\n\rROLE_OPERATOR\x10\x03*\xd3\x01\n\x10SessionEventKind\x12\"\n\x1eSESSION_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1bSESSION_EVENT_KIND_SNAPSHOT\x10\x01\x12\x1d\n\x19SESSION_EVENT_KIND_OPENED\x10\x02\x12\x1c\n\x18SESSION_EVENT_KIND_MOVED\x10\x03\x12\x1d\n\x19SESSION_EVENT_KIND_CLOSED\x10\x04\x12\x1e\n\x1aSESSION_EVENT_KIND_UPDATED\x10\x05\x32\x81\x04\n\x0fSessionsService\x12M\n\x04Open\x12!.telehealth.v1.OpenSessionRequest\x1a\".telehealth.v1.OpenSessionResponse\x12S\n\x06\x41ttach\x12#.telehealth.v1.AttachSessionRequest\x1a$.telehealth.v1.AttachSessionResponse\x12P\n\x05\x43lose\x12\".telehealth.v1.CloseSessionRequest\x1a#.telehealth.v1.CloseSessionResponse\x12O\n\x04List\x12\".telehealth.v1.ListSessionsRequest\x1a#.telehealth.v1.ListSessionsResponse\x12Q\n\nChangeZone\x12 .telehealth.v1.ChangeZoneRequest\x1a!.telehealth.v1.ChangeZoneResponse\x12T\n\x05Watch\x12#.telehealth.v1.WatchSessionsRequest\x1a$.telehealth.v1.WatchSessionsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctelehealth/v1/sessions.proto\x12\rtelehealth.v1\x1a\x1atelehealth/v1/vitals.proto\"\x85\x03\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\npatient_id\x18\x02 \x01(\t\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x0f\n\x07\x65\x64ge_id\x18\x04 \x01(\t\x12\x14\n\x0c\x65\x64ge_address\x18\x05 \x01(\t\x12*\n\x05state\x18\x06 \x01(\x0e\x32\x1b.telehealth.v1.SessionState\x12,\n\nspo2_scale\x18\x07 \x01(\x0e\x32\x18.telehealth.v1.SpO2Scale\x12\x16\n\x0eopened_unix_ns\x18\x08 \x01(\x03\x12\x16\n\x0e\x63losed_unix_ns\x18\t \x01(\x03\x12\x13\n\x0bnews2_total\x18\n \x01(\x05\x12+\n\nnews2_band\x18\x0b \x01(\x0e\x32\x17.telehealth.v1.RiskBand\x12\x15\n\rnews2_unix_ns\x18\x0c \x01(\x03\x12\x10\n\x08last_seq\x18\r \x01(\x04\x12\x12\n\nplacements\x18\x0e \x01(\r\x12\x14\n\x0c\x61rchived_seq\x18\x0f \x01(\x04\"\xb6\x01\n\nAssignment\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65\x64ge_id\x18\x02 \x01(\t\x12\x14\n\x0c\x65\x64ge_address\x18\x03 \x01(\t\x12\r\n\x05token\x18\x04 \x01(\t\x12\x1d\n\x15token_expires_unix_ns\x18\x05 \x01(\x03\x12!\n\x04role\x18\x06 \x01(\x0e\x32\x13.telehealth.v1.Role\x12\x1c\n\x14\x65\x64ge_tls_server_name\x18\x07 \x01(\t\"w\n\x12OpenSessionRequest\x12\x12\n\npatient_id\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12,\n\nspo2_scale\x18\x03 \x01(\x0e\x32\x18.telehealth.v1.SpO2Scale\x12\x11\n\tdevice_id\x18\x04 \x01(\t\"m\n\x13OpenSessionResponse\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.telehealth.v1.Session\x12-\n\nassignment\x18\x02 \x01(\x0b\x32\x19.telehealth.v1.Assignment\"j\n\x14\x41ttachSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x04role\x18\x02 \x01(\x0e\x32\x13.telehealth.v1.Role\x12\x1b\n\x13unreachable_edge_id\x18\x03 \x01(\t\"o\n\x15\x41ttachSessionResponse\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.telehealth.v1.Session\x12-\n\nassignment\x18\x02 \x01(\x0b\x32\x19.telehealth.v1.Assignment\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"?\n\x14\x43loseSessionResponse\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.telehealth.v1.Session\"5\n\x11\x43hangeZoneRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\"{\n\x12\x43hangeZoneResponse\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.telehealth.v1.Session\x12-\n\nassignment\x18\x02 \x01(\x0b\x32\x19.telehealth.v1.Assignment\x12\r\n\x05moved\x18\x03 \x01(\x08\"L\n\x13ListSessionsRequest\x12\x0c\n\x04zone\x18\x01 \x01(\t\x12\x0f\n\x07\x65\x64ge_id\x18\x02 \x01(\t\x12\x16\n\x0einclude_closed\x18\x03 \x01(\x08\"@\n\x14ListSessionsResponse\x12(\n\x08sessions\x18\x01 \x03(\x0b\x32\x16.telehealth.v1.Session\"*\n\x14WatchSessionsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x86\x01\n\x15WatchSessionsResponse\x12-\n\x04kind\x18\x01 \x01(\x0e\x32\x1f.telehealth.v1.SessionEventKind\x12\'\n\x07session\x18\x02 \x01(\x0b\x32\x16.telehealth.v1.Session\x12\x15\n\revent_unix_ns\x18\x03 \x01(\x03*_\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12SESSION_STATE_OPEN\x10\x01\x12\x18\n\x14SESSION_STATE_CLOSED\x10\x02*T\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x12\n\x0eROLE_PUBLISHER\x10\x01\x12\x0f\n\x0bROLE_VIEWER\x10\x02\x12\x11\n\rROLE_OPERATOR\x10\x03*\xd3\x01\n\x10SessionEventKind\x12\"\n\x1eSESSION_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1bSESSION_EVENT_KIND_SNAPSHOT\x10\x01\x12\x1d\n\x19SESSION_EVENT_KIND_OPENED\x10\x02\x12\x1c\n\x18SESSION_EVENT_KIND_MOVED\x10\x03\x12\x1d\n\x19SESSION_EVENT_KIND_CLOSED\x10\x04\x12\x1e\n\x1aSESSION_EVENT_KIND_UPDATED\x10\x05\x32\x81\x04\n\x0fSessionsService\x12M\n\x04Open\x12!.telehealth.v1.OpenSessionRequest\x1a\".telehealth.v1.OpenSessionResponse\x12S\n\x06\x41ttach\x12#.telehealth.v1.AttachSessionRequest\x1a$.telehealth.v1.AttachSessionResponse\x12P\n\x05\x43lose\x12\".telehealth.v1.CloseSessionRequest\x1a#.telehealth.v1.CloseSessionResponse\x12O\n\x04List\x12\".telehealth.v1.ListSessionsRequest\x1a#.telehealth.v1.ListSessionsResponse\x12Q\n\nChangeZone\x12 .telehealth.v1.ChangeZoneRequest\x1a!.telehealth.v1.ChangeZoneResponse\x12T\n\x05Watch\x12#.telehealth.v1.WatchSessionsRequest\x1a$.telehealth.v1.WatchSessionsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'telehealth.v1.sessions_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SESSIONSTATE']._serialized_start=1688
-  _globals['_SESSIONSTATE']._serialized_end=1783
-  _globals['_ROLE']._serialized_start=1785
-  _globals['_ROLE']._serialized_end=1869
-  _globals['_SESSIONEVENTKIND']._serialized_start=1872
-  _globals['_SESSIONEVENTKIND']._serialized_end=2083
+  _globals['_SESSIONSTATE']._serialized_start=1718
+  _globals['_SESSIONSTATE']._serialized_end=1813
+  _globals['_ROLE']._serialized_start=1815
+  _globals['_ROLE']._serialized_end=1899
+  _globals['_SESSIONEVENTKIND']._serialized_start=1902
+  _globals['_SESSIONEVENTKIND']._serialized_end=2113
   _globals['_SESSION']._serialized_start=76
   _globals['_SESSION']._serialized_end=465
   _globals['_ASSIGNMENT']._serialized_start=468
-  _globals['_ASSIGNMENT']._serialized_end=620
-  _globals['_OPENSESSIONREQUEST']._serialized_start=622
-  _globals['_OPENSESSIONREQUEST']._serialized_end=741
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=743
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=852
-  _globals['_ATTACHSESSIONREQUEST']._serialized_start=854
-  _globals['_ATTACHSESSIONREQUEST']._serialized_end=960
-  _globals['_ATTACHSESSIONRESPONSE']._serialized_start=962
-  _globals['_ATTACHSESSIONRESPONSE']._serialized_end=1073
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1075
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1116
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1118
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1181
-  _globals['_CHANGEZONEREQUEST']._serialized_start=1183
-  _globals['_CHANGEZONEREQUEST']._serialized_end=1236
-  _globals['_CHANGEZONERESPONSE']._serialized_start=1238
-  _globals['_CHANGEZONERESPONSE']._serialized_end=1361
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1363
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1439
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1441
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1505
-  _globals['_WATCHSESSIONSREQUEST']._serialized_start=1507
-  _globals['_WATCHSESSIONSREQUEST']._serialized_end=1549
-  _globals['_WATCHSESSIONSRESPONSE']._serialized_start=1552
-  _globals['_WATCHSESSIONSRESPONSE']._serialized_end=1686
-  _globals['_SESSIONSSERVICE']._serialized_start=2086
-  _globals['_SESSIONSSERVICE']._serialized_end=2599
+  _globals['_ASSIGNMENT']._serialized_end=650
+  _globals['_OPENSESSIONREQUEST']._serialized_start=652
+  _globals['_OPENSESSIONREQUEST']._serialized_end=771
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=773
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=882
+  _globals['_ATTACHSESSIONREQUEST']._serialized_start=884
+  _globals['_ATTACHSESSIONREQUEST']._serialized_end=990
+  _globals['_ATTACHSESSIONRESPONSE']._serialized_start=992
+  _globals['_ATTACHSESSIONRESPONSE']._serialized_end=1103
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1105
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1146
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1148
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1211
+  _globals['_CHANGEZONEREQUEST']._serialized_start=1213
+  _globals['_CHANGEZONEREQUEST']._serialized_end=1266
+  _globals['_CHANGEZONERESPONSE']._serialized_start=1268
+  _globals['_CHANGEZONERESPONSE']._serialized_end=1391
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1393
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1469
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1471
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1535
+  _globals['_WATCHSESSIONSREQUEST']._serialized_start=1537
+  _globals['_WATCHSESSIONSREQUEST']._serialized_end=1579
+  _globals['_WATCHSESSIONSRESPONSE']._serialized_start=1582
+  _globals['_WATCHSESSIONSRESPONSE']._serialized_end=1716
+  _globals['_SESSIONSSERVICE']._serialized_start=2116
+  _globals['_SESSIONSSERVICE']._serialized_end=2629
 # @@protoc_insertion_point(module_scope)

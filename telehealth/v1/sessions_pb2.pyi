@@ -156,12 +156,15 @@ class Assignment(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     TOKEN_EXPIRES_UNIX_NS_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
+    EDGE_TLS_SERVER_NAME_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     edge_id: _builtins.str
     edge_address: _builtins.str
     token: _builtins.str
     token_expires_unix_ns: _builtins.int
     role: Global___Role.ValueType
+    edge_tls_server_name: _builtins.str
+    """Name to check the edge's server certificate against (it may be dialled by IP)."""
     def __init__(
         self,
         *,
@@ -171,10 +174,11 @@ class Assignment(_message.Message):
         token: _builtins.str = ...,
         token_expires_unix_ns: _builtins.int = ...,
         role: Global___Role.ValueType = ...,
+        edge_tls_server_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["edge_address", b"edge_address", "edge_id", b"edge_id", "role", b"role", "session_id", b"session_id", "token", b"token", "token_expires_unix_ns", b"token_expires_unix_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["edge_address", b"edge_address", "edge_id", b"edge_id", "edge_tls_server_name", b"edge_tls_server_name", "role", b"role", "session_id", b"session_id", "token", b"token", "token_expires_unix_ns", b"token_expires_unix_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

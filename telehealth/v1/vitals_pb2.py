@@ -24,25 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atelehealth/v1/vitals.proto\x12\rtelehealth.v1\"\xb8\x03\n\nVitalSigns\x12\x1b\n\x13\x64\x65vice_time_unix_ns\x18\x01 \x01(\x03\x12\x1b\n\x0eheart_rate_bpm\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x19\n\x0cspo2_percent\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12!\n\x14respiration_rate_bpm\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x1a\n\rsystolic_mmhg\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x1b\n\x0e\x64iastolic_mmhg\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\x1a\n\rtemperature_c\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x33\n\rconsciousness\x18\x08 \x01(\x0e\x32\x1c.telehealth.v1.Consciousness\x12\x34\n\x0eoxygen_support\x18\t \x01(\x0e\x32\x1c.telehealth.v1.OxygenSupportB\x11\n\x0f_heart_rate_bpmB\x0f\n\r_spo2_percentB\x17\n\x15_respiration_rate_bpmB\x10\n\x0e_systolic_mmhgB\x11\n\x0f_diastolic_mmhgB\x10\n\x0e_temperature_c\"\x7f\n\rWaveformChunk\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.telehealth.v1.WaveformKind\x12\x1a\n\x12start_time_unix_ns\x18\x02 \x01(\x03\x12\x16\n\x0esample_rate_hz\x18\x03 \x01(\x02\x12\x0f\n\x07samples\x18\x04 \x03(\x02\"\xa7\x01\n\x0bVitalsBatch\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x1b\n\x13\x64\x65vice_time_unix_ns\x18\x03 \x01(\x03\x12)\n\x06vitals\x18\x04 \x03(\x0b\x32\x19.telehealth.v1.VitalSigns\x12/\n\twaveforms\x18\x05 \x03(\x0b\x32\x1c.telehealth.v1.WaveformChunk\"A\n\x14PublishVitalsRequest\x12)\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1a.telehealth.v1.VitalsBatch\"<\n\x0e\x42\x61tchRejection\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xa5\x01\n\x15PublishVitalsResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0creceived_seq\x18\x02 \x01(\x04\x12\x14\n\x0c\x61rchived_seq\x18\x03 \x01(\x04\x12\x1a\n\x12\x64uplicates_dropped\x18\x04 \x01(\x04\x12\x30\n\trejection\x18\x05 \x01(\x0b\x32\x1d.telehealth.v1.BatchRejection\"D\n\x16SubscribeVitalsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0einclude_latest\x18\x02 \x01(\x08\"[\n\x0eParameterScore\x12\x11\n\tparameter\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x05\x12\r\n\x05value\x18\x03 \x01(\x02\x12\x18\n\x10measured_unix_ns\x18\x04 \x01(\x03\"\xdd\x01\n\x0bNews2Update\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05total\x18\x02 \x01(\x05\x12%\n\x04\x62\x61nd\x18\x03 \x01(\x0e\x32\x17.telehealth.v1.RiskBand\x12\x31\n\nparameters\x18\x04 \x03(\x0b\x32\x1d.telehealth.v1.ParameterScore\x12,\n\nspo2_scale\x18\x05 \x01(\x0e\x32\x18.telehealth.v1.SpO2Scale\x12\x10\n\x08\x63omplete\x18\x06 \x01(\x08\x12\x18\n\x10\x63omputed_unix_ns\x18\x07 \x01(\x03\"\xa2\x01\n\x10\x44\x65rivedHeartRate\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x1a\n\x12\x65\x63g_heart_rate_bpm\x18\x02 \x01(\x02\x12\x1d\n\x15\x64\x65vice_heart_rate_bpm\x18\x03 \x01(\x02\x12\x0f\n\x07r_peaks\x18\x04 \x01(\x05\x12\x18\n\x10\x63omputed_unix_ns\x18\x05 \x01(\x03\x12\x1b\n\x13rppg_heart_rate_bpm\x18\x06 \x01(\x02\"\xbc\x01\n\x05\x41lert\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.telehealth.v1.AlertKind\x12.\n\rprevious_band\x18\x03 \x01(\x0e\x32\x17.telehealth.v1.RiskBand\x12%\n\x04\x62\x61nd\x18\x04 \x01(\x0e\x32\x17.telehealth.v1.RiskBand\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x16\n\x0eraised_unix_ns\x18\x06 \x01(\x03\"9\n\x0fSubscriptionGap\x12\x16\n\x0e\x64ropped_events\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xc4\x02\n\x17SubscribeVitalsResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1d\n\x15\x65\x64ge_received_unix_ns\x18\x02 \x01(\x03\x12+\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x1a.telehealth.v1.VitalsBatchH\x00\x12+\n\x05news2\x18\x04 \x01(\x0b\x32\x1a.telehealth.v1.News2UpdateH\x00\x12%\n\x05\x61lert\x18\x05 \x01(\x0b\x32\x14.telehealth.v1.AlertH\x00\x12-\n\x03gap\x18\x06 \x01(\x0b\x32\x1e.telehealth.v1.SubscriptionGapH\x00\x12=\n\x12\x64\x65rived_heart_rate\x18\x07 \x01(\x0b\x32\x1f.telehealth.v1.DerivedHeartRateH\x00\x42\x07\n\x05\x65vent*\xb9\x01\n\rConsciousness\x12\x1d\n\x19\x43ONSCIOUSNESS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43ONSCIOUSNESS_ALERT\x10\x01\x12\x1f\n\x1b\x43ONSCIOUSNESS_NEW_CONFUSION\x10\x02\x12\x17\n\x13\x43ONSCIOUSNESS_VOICE\x10\x03\x12\x16\n\x12\x43ONSCIOUSNESS_PAIN\x10\x04\x12\x1e\n\x1a\x43ONSCIOUSNESS_UNRESPONSIVE\x10\x05*h\n\rOxygenSupport\x12\x1e\n\x1aOXYGEN_SUPPORT_UNSPECIFIED\x10\x00\x12\x16\n\x12OXYGEN_SUPPORT_AIR\x10\x01\x12\x1f\n\x1bOXYGEN_SUPPORT_SUPPLEMENTAL\x10\x02*K\n\tSpO2Scale\x12\x1a\n\x16SPO2_SCALE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSPO2_SCALE_1\x10\x01\x12\x10\n\x0cSPO2_SCALE_2\x10\x02*c\n\x0cWaveformKind\x12\x1d\n\x19WAVEFORM_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19WAVEFORM_KIND_ECG_LEAD_II\x10\x01\x12\x15\n\x11WAVEFORM_KIND_PPG\x10\x02*|\n\x08RiskBand\x12\x19\n\x15RISK_BAND_UNSPECIFIED\x10\x00\x12\x11\n\rRISK_BAND_LOW\x10\x01\x12\x18\n\x14RISK_BAND_LOW_MEDIUM\x10\x02\x12\x14\n\x10RISK_BAND_MEDIUM\x10\x03\x12\x12\n\x0eRISK_BAND_HIGH\x10\x04*\x8e\x01\n\tAlertKind\x12\x1a\n\x16\x41LERT_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41LERT_KIND_BAND_CHANGED\x10\x01\x12#\n\x1f\x41LERT_KIND_SINGLE_PARAMETER_RED\x10\x02\x12#\n\x1f\x41LERT_KIND_HEART_RATE_DISAGREES\x10\x03\x32\xc7\x01\n\rVitalsService\x12X\n\x07Publish\x12#.telehealth.v1.PublishVitalsRequest\x1a$.telehealth.v1.PublishVitalsResponse(\x01\x30\x01\x12\\\n\tSubscribe\x12%.telehealth.v1.SubscribeVitalsRequest\x1a&.telehealth.v1.SubscribeVitalsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atelehealth/v1/vitals.proto\x12\rtelehealth.v1\"\xb8\x03\n\nVitalSigns\x12\x1b\n\x13\x64\x65vice_time_unix_ns\x18\x01 \x01(\x03\x12\x1b\n\x0eheart_rate_bpm\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x19\n\x0cspo2_percent\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12!\n\x14respiration_rate_bpm\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x1a\n\rsystolic_mmhg\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x1b\n\x0e\x64iastolic_mmhg\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\x1a\n\rtemperature_c\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x33\n\rconsciousness\x18\x08 \x01(\x0e\x32\x1c.telehealth.v1.Consciousness\x12\x34\n\x0eoxygen_support\x18\t \x01(\x0e\x32\x1c.telehealth.v1.OxygenSupportB\x11\n\x0f_heart_rate_bpmB\x0f\n\r_spo2_percentB\x17\n\x15_respiration_rate_bpmB\x10\n\x0e_systolic_mmhgB\x11\n\x0f_diastolic_mmhgB\x10\n\x0e_temperature_c\"\x7f\n\rWaveformChunk\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.telehealth.v1.WaveformKind\x12\x1a\n\x12start_time_unix_ns\x18\x02 \x01(\x03\x12\x16\n\x0esample_rate_hz\x18\x03 \x01(\x02\x12\x0f\n\x07samples\x18\x04 \x03(\x02\"\xa7\x01\n\x0bVitalsBatch\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x1b\n\x13\x64\x65vice_time_unix_ns\x18\x03 \x01(\x03\x12)\n\x06vitals\x18\x04 \x03(\x0b\x32\x19.telehealth.v1.VitalSigns\x12/\n\twaveforms\x18\x05 \x03(\x0b\x32\x1c.telehealth.v1.WaveformChunk\"X\n\x14PublishVitalsRequest\x12)\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1a.telehealth.v1.VitalsBatch\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\"<\n\x0e\x42\x61tchRejection\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xd3\x01\n\x15PublishVitalsResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0creceived_seq\x18\x02 \x01(\x04\x12\x14\n\x0c\x61rchived_seq\x18\x03 \x01(\x04\x12\x1a\n\x12\x64uplicates_dropped\x18\x04 \x01(\x04\x12\x30\n\trejection\x18\x05 \x01(\x0b\x32\x1d.telehealth.v1.BatchRejection\x12,\n\x06moving\x18\x06 \x01(\x0b\x32\x1c.telehealth.v1.SessionMoving\"4\n\rSessionMoving\x12\x13\n\x0bnew_edge_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"^\n\x16SubscribeVitalsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0einclude_latest\x18\x02 \x01(\x08\x12\x18\n\x10resume_after_seq\x18\x03 \x01(\x04\"j\n\x0eParameterScore\x12\x11\n\tparameter\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x05\x12\r\n\x05value\x18\x03 \x01(\x02\x12\x18\n\x10measured_unix_ns\x18\x04 \x01(\x03\x12\r\n\x05stale\x18\x05 \x01(\x08\"\xfb\x01\n\x0bNews2Update\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05total\x18\x02 \x01(\x05\x12%\n\x04\x62\x61nd\x18\x03 \x01(\x0e\x32\x17.telehealth.v1.RiskBand\x12\x31\n\nparameters\x18\x04 \x03(\x0b\x32\x1d.telehealth.v1.ParameterScore\x12,\n\nspo2_scale\x18\x05 \x01(\x0e\x32\x18.telehealth.v1.SpO2Scale\x12\x10\n\x08\x63omplete\x18\x06 \x01(\x08\x12\x18\n\x10\x63omputed_unix_ns\x18\x07 \x01(\x03\x12\x1c\n\x14oldest_input_unix_ns\x18\x08 \x01(\x03\"\xa2\x01\n\x10\x44\x65rivedHeartRate\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x1a\n\x12\x65\x63g_heart_rate_bpm\x18\x02 \x01(\x02\x12\x1d\n\x15\x64\x65vice_heart_rate_bpm\x18\x03 \x01(\x02\x12\x0f\n\x07r_peaks\x18\x04 \x01(\x05\x12\x18\n\x10\x63omputed_unix_ns\x18\x05 \x01(\x03\x12\x1b\n\x13rppg_heart_rate_bpm\x18\x06 \x01(\x02\"\xbc\x01\n\x05\x41lert\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.telehealth.v1.AlertKind\x12.\n\rprevious_band\x18\x03 \x01(\x0e\x32\x17.telehealth.v1.RiskBand\x12%\n\x04\x62\x61nd\x18\x04 \x01(\x0e\x32\x17.telehealth.v1.RiskBand\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x16\n\x0eraised_unix_ns\x18\x06 \x01(\x03\"n\n\x0fSubscriptionGap\x12\x16\n\x0e\x64ropped_events\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x19\n\x11\x66irst_missing_seq\x18\x03 \x01(\x04\x12\x18\n\x10last_missing_seq\x18\x04 \x01(\x04\"\xf4\x02\n\x17SubscribeVitalsResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1d\n\x15\x65\x64ge_received_unix_ns\x18\x02 \x01(\x03\x12+\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x1a.telehealth.v1.VitalsBatchH\x00\x12+\n\x05news2\x18\x04 \x01(\x0b\x32\x1a.telehealth.v1.News2UpdateH\x00\x12%\n\x05\x61lert\x18\x05 \x01(\x0b\x32\x14.telehealth.v1.AlertH\x00\x12-\n\x03gap\x18\x06 \x01(\x0b\x32\x1e.telehealth.v1.SubscriptionGapH\x00\x12=\n\x12\x64\x65rived_heart_rate\x18\x07 \x01(\x0b\x32\x1f.telehealth.v1.DerivedHeartRateH\x00\x12.\n\x06moving\x18\x08 \x01(\x0b\x32\x1c.telehealth.v1.SessionMovingH\x00\x42\x07\n\x05\x65vent*\xb9\x01\n\rConsciousness\x12\x1d\n\x19\x43ONSCIOUSNESS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43ONSCIOUSNESS_ALERT\x10\x01\x12\x1f\n\x1b\x43ONSCIOUSNESS_NEW_CONFUSION\x10\x02\x12\x17\n\x13\x43ONSCIOUSNESS_VOICE\x10\x03\x12\x16\n\x12\x43ONSCIOUSNESS_PAIN\x10\x04\x12\x1e\n\x1a\x43ONSCIOUSNESS_UNRESPONSIVE\x10\x05*h\n\rOxygenSupport\x12\x1e\n\x1aOXYGEN_SUPPORT_UNSPECIFIED\x10\x00\x12\x16\n\x12OXYGEN_SUPPORT_AIR\x10\x01\x12\x1f\n\x1bOXYGEN_SUPPORT_SUPPLEMENTAL\x10\x02*K\n\tSpO2Scale\x12\x1a\n\x16SPO2_SCALE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSPO2_SCALE_1\x10\x01\x12\x10\n\x0cSPO2_SCALE_2\x10\x02*c\n\x0cWaveformKind\x12\x1d\n\x19WAVEFORM_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19WAVEFORM_KIND_ECG_LEAD_II\x10\x01\x12\x15\n\x11WAVEFORM_KIND_PPG\x10\x02*|\n\x08RiskBand\x12\x19\n\x15RISK_BAND_UNSPECIFIED\x10\x00\x12\x11\n\rRISK_BAND_LOW\x10\x01\x12\x18\n\x14RISK_BAND_LOW_MEDIUM\x10\x02\x12\x14\n\x10RISK_BAND_MEDIUM\x10\x03\x12\x12\n\x0eRISK_BAND_HIGH\x10\x04*\x8e\x01\n\tAlertKind\x12\x1a\n\x16\x41LERT_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41LERT_KIND_BAND_CHANGED\x10\x01\x12#\n\x1f\x41LERT_KIND_SINGLE_PARAMETER_RED\x10\x02\x12#\n\x1f\x41LERT_KIND_HEART_RATE_DISAGREES\x10\x03\x32\xc7\x01\n\rVitalsService\x12X\n\x07Publish\x12#.telehealth.v1.PublishVitalsRequest\x1a$.telehealth.v1.PublishVitalsResponse(\x01\x30\x01\x12\\\n\tSubscribe\x12%.telehealth.v1.SubscribeVitalsRequest\x1a&.telehealth.v1.SubscribeVitalsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'telehealth.v1.vitals_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONSCIOUSNESS']._serialized_start=2214
-  _globals['_CONSCIOUSNESS']._serialized_end=2399
-  _globals['_OXYGENSUPPORT']._serialized_start=2401
-  _globals['_OXYGENSUPPORT']._serialized_end=2505
-  _globals['_SPO2SCALE']._serialized_start=2507
-  _globals['_SPO2SCALE']._serialized_end=2582
-  _globals['_WAVEFORMKIND']._serialized_start=2584
-  _globals['_WAVEFORMKIND']._serialized_end=2683
-  _globals['_RISKBAND']._serialized_start=2685
-  _globals['_RISKBAND']._serialized_end=2809
-  _globals['_ALERTKIND']._serialized_start=2812
-  _globals['_ALERTKIND']._serialized_end=2954
+  _globals['_CONSCIOUSNESS']._serialized_start=2509
+  _globals['_CONSCIOUSNESS']._serialized_end=2694
+  _globals['_OXYGENSUPPORT']._serialized_start=2696
+  _globals['_OXYGENSUPPORT']._serialized_end=2800
+  _globals['_SPO2SCALE']._serialized_start=2802
+  _globals['_SPO2SCALE']._serialized_end=2877
+  _globals['_WAVEFORMKIND']._serialized_start=2879
+  _globals['_WAVEFORMKIND']._serialized_end=2978
+  _globals['_RISKBAND']._serialized_start=2980
+  _globals['_RISKBAND']._serialized_end=3104
+  _globals['_ALERTKIND']._serialized_start=3107
+  _globals['_ALERTKIND']._serialized_end=3249
   _globals['_VITALSIGNS']._serialized_start=46
   _globals['_VITALSIGNS']._serialized_end=486
   _globals['_WAVEFORMCHUNK']._serialized_start=488
@@ -50,25 +50,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VITALSBATCH']._serialized_start=618
   _globals['_VITALSBATCH']._serialized_end=785
   _globals['_PUBLISHVITALSREQUEST']._serialized_start=787
-  _globals['_PUBLISHVITALSREQUEST']._serialized_end=852
-  _globals['_BATCHREJECTION']._serialized_start=854
-  _globals['_BATCHREJECTION']._serialized_end=914
-  _globals['_PUBLISHVITALSRESPONSE']._serialized_start=917
-  _globals['_PUBLISHVITALSRESPONSE']._serialized_end=1082
-  _globals['_SUBSCRIBEVITALSREQUEST']._serialized_start=1084
-  _globals['_SUBSCRIBEVITALSREQUEST']._serialized_end=1152
-  _globals['_PARAMETERSCORE']._serialized_start=1154
-  _globals['_PARAMETERSCORE']._serialized_end=1245
-  _globals['_NEWS2UPDATE']._serialized_start=1248
-  _globals['_NEWS2UPDATE']._serialized_end=1469
-  _globals['_DERIVEDHEARTRATE']._serialized_start=1472
-  _globals['_DERIVEDHEARTRATE']._serialized_end=1634
-  _globals['_ALERT']._serialized_start=1637
-  _globals['_ALERT']._serialized_end=1825
-  _globals['_SUBSCRIPTIONGAP']._serialized_start=1827
-  _globals['_SUBSCRIPTIONGAP']._serialized_end=1884
-  _globals['_SUBSCRIBEVITALSRESPONSE']._serialized_start=1887
-  _globals['_SUBSCRIBEVITALSRESPONSE']._serialized_end=2211
-  _globals['_VITALSSERVICE']._serialized_start=2957
-  _globals['_VITALSSERVICE']._serialized_end=3156
+  _globals['_PUBLISHVITALSREQUEST']._serialized_end=875
+  _globals['_BATCHREJECTION']._serialized_start=877
+  _globals['_BATCHREJECTION']._serialized_end=937
+  _globals['_PUBLISHVITALSRESPONSE']._serialized_start=940
+  _globals['_PUBLISHVITALSRESPONSE']._serialized_end=1151
+  _globals['_SESSIONMOVING']._serialized_start=1153
+  _globals['_SESSIONMOVING']._serialized_end=1205
+  _globals['_SUBSCRIBEVITALSREQUEST']._serialized_start=1207
+  _globals['_SUBSCRIBEVITALSREQUEST']._serialized_end=1301
+  _globals['_PARAMETERSCORE']._serialized_start=1303
+  _globals['_PARAMETERSCORE']._serialized_end=1409
+  _globals['_NEWS2UPDATE']._serialized_start=1412
+  _globals['_NEWS2UPDATE']._serialized_end=1663
+  _globals['_DERIVEDHEARTRATE']._serialized_start=1666
+  _globals['_DERIVEDHEARTRATE']._serialized_end=1828
+  _globals['_ALERT']._serialized_start=1831
+  _globals['_ALERT']._serialized_end=2019
+  _globals['_SUBSCRIPTIONGAP']._serialized_start=2021
+  _globals['_SUBSCRIPTIONGAP']._serialized_end=2131
+  _globals['_SUBSCRIBEVITALSRESPONSE']._serialized_start=2134
+  _globals['_SUBSCRIBEVITALSRESPONSE']._serialized_end=2506
+  _globals['_VITALSSERVICE']._serialized_start=3252
+  _globals['_VITALSSERVICE']._serialized_end=3451
 # @@protoc_insertion_point(module_scope)

@@ -280,16 +280,22 @@ class PublishVitalsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BATCH_FIELD_NUMBER: _builtins.int
+    REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
+    refresh_token: _builtins.str
+    """A fresh token for this stream (same session, role and edge), sent before the one the
+    stream opened with expires; the edge ends a stream whose token has expired.
+    """
     @_builtins.property
     def batch(self) -> Global___VitalsBatch: ...
     def __init__(
         self,
         *,
         batch: Global___VitalsBatch | None = ...,
+        refresh_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "refresh_token", b"refresh_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -332,6 +338,7 @@ class PublishVitalsResponse(_message.Message):
     ARCHIVED_SEQ_FIELD_NUMBER: _builtins.int
     DUPLICATES_DROPPED_FIELD_NUMBER: _builtins.int
     REJECTION_FIELD_NUMBER: _builtins.int
+    MOVING_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     received_seq: _builtins.int
     """Highest seq such that every seq up to it has been accepted (or rejected) by the edge."""
@@ -341,6 +348,12 @@ class PublishVitalsResponse(_message.Message):
     """Count of batches with a seq already seen, dropped silently."""
     @_builtins.property
     def rejection(self) -> Global___BatchRejection: ...
+    @_builtins.property
+    def moving(self) -> Global___SessionMoving:
+        """The core is moving this session to another edge (drain, rebalance): attach again, start
+        publishing there, then close this stream. This edge keeps taking batches meanwhile.
+        """
+
     def __init__(
         self,
         *,
@@ -349,14 +362,40 @@ class PublishVitalsResponse(_message.Message):
         archived_seq: _builtins.int = ...,
         duplicates_dropped: _builtins.int = ...,
         rejection: Global___BatchRejection | None = ...,
+        moving: Global___SessionMoving | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["rejection", b"rejection"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["moving", b"moving", "rejection", b"rejection"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived_seq", b"archived_seq", "duplicates_dropped", b"duplicates_dropped", "received_seq", b"received_seq", "rejection", b"rejection", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived_seq", b"archived_seq", "duplicates_dropped", b"duplicates_dropped", "moving", b"moving", "received_seq", b"received_seq", "rejection", b"rejection", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublishVitalsResponse: _TypeAlias = PublishVitalsResponse  # noqa: Y015
+
+@_typing.final
+class SessionMoving(_message.Message):
+    """Sent to a session's publisher and viewers before their edge lets the session go."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NEW_EDGE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    new_edge_id: _builtins.str
+    reason: _builtins.str
+    """drain, rebalance, zone_change"""
+    def __init__(
+        self,
+        *,
+        new_edge_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_edge_id", b"new_edge_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionMoving: _TypeAlias = SessionMoving  # noqa: Y015
 
 @_typing.final
 class SubscribeVitalsRequest(_message.Message):
@@ -364,18 +403,24 @@ class SubscribeVitalsRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     INCLUDE_LATEST_FIELD_NUMBER: _builtins.int
+    RESUME_AFTER_SEQ_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     include_latest: _builtins.bool
     """Also send the NEWS2 and vitals already known, so a new view is not blank."""
+    resume_after_seq: _builtins.int
+    """Replay the batches after this seq that the edge still holds, then go live (0: live
+    only). Seqs it cannot replay are named in a gap event; the archive has them.
+    """
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         include_latest: _builtins.bool = ...,
+        resume_after_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_latest", b"include_latest", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_latest", b"include_latest", "resume_after_seq", b"resume_after_seq", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -389,11 +434,14 @@ class ParameterScore(_message.Message):
     SCORE_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     MEASURED_UNIX_NS_FIELD_NUMBER: _builtins.int
+    STALE_FIELD_NUMBER: _builtins.int
     parameter: _builtins.str
     """respiration_rate, spo2, air_or_oxygen, systolic_bp, pulse, consciousness, temperature"""
     score: _builtins.int
     value: _builtins.float
     measured_unix_ns: _builtins.int
+    stale: _builtins.bool
+    """Measured too long ago to count: left out of the total (the score is then incomplete)."""
     def __init__(
         self,
         *,
@@ -401,10 +449,11 @@ class ParameterScore(_message.Message):
         score: _builtins.int = ...,
         value: _builtins.float = ...,
         measured_unix_ns: _builtins.int = ...,
+        stale: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["measured_unix_ns", b"measured_unix_ns", "parameter", b"parameter", "score", b"score", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["measured_unix_ns", b"measured_unix_ns", "parameter", b"parameter", "score", b"score", "stale", b"stale", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -421,6 +470,7 @@ class News2Update(_message.Message):
     SPO2_SCALE_FIELD_NUMBER: _builtins.int
     COMPLETE_FIELD_NUMBER: _builtins.int
     COMPUTED_UNIX_NS_FIELD_NUMBER: _builtins.int
+    OLDEST_INPUT_UNIX_NS_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     total: _builtins.int
     band: Global___RiskBand.ValueType
@@ -428,6 +478,8 @@ class News2Update(_message.Message):
     complete: _builtins.bool
     """False while some parameter has never been measured; the total then uses what is known."""
     computed_unix_ns: _builtins.int
+    oldest_input_unix_ns: _builtins.int
+    """Device time of the oldest reading the total uses: the score is as old as this."""
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterScore]: ...
     def __init__(
@@ -440,10 +492,11 @@ class News2Update(_message.Message):
         spo2_scale: Global___SpO2Scale.ValueType = ...,
         complete: _builtins.bool = ...,
         computed_unix_ns: _builtins.int = ...,
+        oldest_input_unix_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["band", b"band", "complete", b"complete", "computed_unix_ns", b"computed_unix_ns", "parameters", b"parameters", "seq", b"seq", "spo2_scale", b"spo2_scale", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["band", b"band", "complete", b"complete", "computed_unix_ns", b"computed_unix_ns", "oldest_input_unix_ns", b"oldest_input_unix_ns", "parameters", b"parameters", "seq", b"seq", "spo2_scale", b"spo2_scale", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -528,17 +581,24 @@ class SubscriptionGap(_message.Message):
 
     DROPPED_EVENTS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    FIRST_MISSING_SEQ_FIELD_NUMBER: _builtins.int
+    LAST_MISSING_SEQ_FIELD_NUMBER: _builtins.int
     dropped_events: _builtins.int
     reason: _builtins.str
+    first_missing_seq: _builtins.int
+    """When known (a resume the edge cannot replay in full): the batches missed, inclusive."""
+    last_missing_seq: _builtins.int
     def __init__(
         self,
         *,
         dropped_events: _builtins.int = ...,
         reason: _builtins.str = ...,
+        first_missing_seq: _builtins.int = ...,
+        last_missing_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_events", b"dropped_events", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_events", b"dropped_events", "first_missing_seq", b"first_missing_seq", "last_missing_seq", b"last_missing_seq", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -555,6 +615,7 @@ class SubscribeVitalsResponse(_message.Message):
     ALERT_FIELD_NUMBER: _builtins.int
     GAP_FIELD_NUMBER: _builtins.int
     DERIVED_HEART_RATE_FIELD_NUMBER: _builtins.int
+    MOVING_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     edge_received_unix_ns: _builtins.int
     """When the edge accepted the batch this event comes from (edge clock)."""
@@ -568,6 +629,10 @@ class SubscribeVitalsResponse(_message.Message):
     def gap(self) -> Global___SubscriptionGap: ...
     @_builtins.property
     def derived_heart_rate(self) -> Global___DerivedHeartRate: ...
+    @_builtins.property
+    def moving(self) -> Global___SessionMoving:
+        """The session is moving to another edge: subscribe there (resume_after_seq) now."""
+
     def __init__(
         self,
         *,
@@ -578,12 +643,13 @@ class SubscribeVitalsResponse(_message.Message):
         alert: Global___Alert | None = ...,
         gap: Global___SubscriptionGap | None = ...,
         derived_heart_rate: Global___DerivedHeartRate | None = ...,
+        moving: Global___SessionMoving | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "batch", b"batch", "derived_heart_rate", b"derived_heart_rate", "event", b"event", "gap", b"gap", "news2", b"news2"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "batch", b"batch", "derived_heart_rate", b"derived_heart_rate", "event", b"event", "gap", b"gap", "moving", b"moving", "news2", b"news2"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "batch", b"batch", "derived_heart_rate", b"derived_heart_rate", "edge_received_unix_ns", b"edge_received_unix_ns", "event", b"event", "gap", b"gap", "news2", b"news2", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "batch", b"batch", "derived_heart_rate", b"derived_heart_rate", "edge_received_unix_ns", b"edge_received_unix_ns", "event", b"event", "gap", b"gap", "moving", b"moving", "news2", b"news2", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["batch", "news2", "alert", "gap", "derived_heart_rate"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["batch", "news2", "alert", "gap", "derived_heart_rate", "moving"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
+from clients import ctl
 from core_services.server import CoreServer
 from telehealth.rpc import bearer
 from telehealth.v1 import archive_pb2, archive_pb2_grpc, vitals_pb2_grpc
@@ -48,9 +52,14 @@ async def test_every_batch_archived_once_and_exported_as_fhir(
         archive_pb2.QueryVitalsRequest(patient_id="p-1", limit=25), metadata=clinician
     )
     assert [b.batch.seq for b in got.batches] == list(range(1, 26)) and got.truncated
-    export = await archive.ExportFhir(
-        archive_pb2.ExportFhirRequest(patient_id="p-1"), metadata=clinician
-    )
+    pages = [
+        p
+        async for p in archive.ExportFhir(
+            archive_pb2.ExportFhirRequest(patient_id="p-1"), metadata=clinician
+        )
+    ]
+    assert [(p.page, p.last) for p in pages] == [(1, True)]
+    export = pages[0]
     doc = json.loads(export.bundle_json)
     Bundle.model_validate(doc)
     assert export.observations == 40 * 5
@@ -81,8 +90,83 @@ async def test_archive_refuses_bad_queries(core: CoreServer, channel_to: Channel
             await archive.QueryVitals(req, metadata=clinician)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert match in (err.value.details() or "")
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await archive.ExportFhir(
-            archive_pb2.ExportFhirRequest(patient_id="p-other"), metadata=clinician
+    for req, code in [
+        (archive_pb2.ExportFhirRequest(patient_id="p-other"), grpc.StatusCode.PERMISSION_DENIED),
+        (
+            archive_pb2.ExportFhirRequest(patient_id="p-9", page_size=10**6),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            archive_pb2.ExportFhirRequest(patient_id="p-9", from_unix_ns=5, to_unix_ns=1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in archive.ExportFhir(req, metadata=clinician):
+                pass
+        assert err.value.code() == code
+
+
+async def test_long_record_exports_in_pages_joined_into_one_bundle(
+    core: CoreServer,
+    edge_factory: EdgeFactory,
+    channel_to: ChannelTo,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    edge = await edge_factory()
+    opened = await open_session(core, channel_to, patient="p-long")
+    sid = opened.session.session_id
+    stub = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
+    batches = [make_batch(sid, i, hr=50 + i % 90) for i in range(1, 121)]
+    acks = [
+        r async for r in stub.Publish(requests(batches), metadata=bearer(opened.assignment.token))
+    ]
+    assert acks[-1].received_seq == 120
+    archive = archive_pb2_grpc.ArchiveServiceStub(channel_to(core.address))
+
+    async def all_archived() -> bool:
+        r = await archive.GetWatermark(archive_pb2.GetWatermarkRequest(session_id=sid))
+        return r.watermark.archived_seq == 120
+
+    await eventually(all_archived, what="all 120 archived")
+    clinician = await staff(core, "clinician", patients=("p-long",))
+    pages = [
+        p
+        async for p in archive.ExportFhir(
+            archive_pb2.ExportFhirRequest(patient_id="p-long", page_size=70), metadata=clinician
         )
-    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    ]
+    # 600 Observations in pages of 70: nine pages, only the last one says so.
+    assert [p.page for p in pages] == list(range(1, 10))
+    assert [p.last for p in pages] == [False] * 8 + [True]
+    assert sum(p.observations for p in pages) == 600
+    ids = set()
+    for p in pages:
+        doc = json.loads(p.bundle_json)
+        Bundle.model_validate(doc)
+        ids |= {e["resource"]["id"] for e in doc["entry"]}
+    assert len(ids) == 600
+
+    # The CLI joins the pages into one Bundle file.
+    user_id = "dr-long"
+    await core.security.users.add_user(user_id, "clinician", "correct horse battery staple")
+    await core.security.users.assign(user_id, "p-long")
+    token, _ = core.issuer.issue_user(user_id=user_id, role="clinician", ttl_s=600)
+    monkeypatch.setenv("TELEHEALTH_TOKEN", token)
+    out = tmp_path / "p-long.json"
+    sink = io.StringIO()
+    argv = ["--core", core.address, "export", "p-long", "--out", str(out)]
+    assert await asyncio.to_thread(ctl.main, argv, sink) == 0
+    assert "600 observation(s)" in sink.getvalue()
+    doc = json.loads(out.read_text())
+    Bundle.model_validate(doc)
+    assert len(doc["entry"]) == 600
+    hr = sorted(
+        e["resource"]["valueQuantity"]["value"]
+        for e in doc["entry"]
+        if e["resource"]["code"]["coding"][0]["code"] == "8867-4"
+    )
+    assert hr == sorted(float(50 + i % 90) for i in range(1, 121))
+    left = await asyncio.to_thread(lambda: sorted(p.name for p in tmp_path.glob("p-long*")))
+    assert left == [out.name]  # no .partial left beside it

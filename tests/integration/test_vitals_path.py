@@ -44,10 +44,13 @@ async def requests(
 
 
 async def open_session(
-    core: CoreServer, channel_to: Callable[[str], grpc.aio.Channel], zone: str = "zone-a"
+    core: CoreServer,
+    channel_to: Callable[[str], grpc.aio.Channel],
+    zone: str = "zone-a",
+    patient: str = "p-1",
 ) -> sessions_pb2.OpenSessionResponse:
     stub = sessions_pb2_grpc.SessionsServiceStub(channel_to(core.address))
-    return await stub.Open(sessions_pb2.OpenSessionRequest(patient_id="p-1", zone=zone))
+    return await stub.Open(sessions_pb2.OpenSessionRequest(patient_id=patient, zone=zone))
 
 
 async def test_batches_reach_subscriber_in_order_without_loss(
