@@ -15,6 +15,7 @@ from core_services.auth.users import AssignmentSource
 from telehealth.errors import NotFound, PermissionDenied, Unauthenticated
 from telehealth.rpc import Context, Handler, token_from
 from telehealth.security.audit import AuditEvent
+from telehealth.security.identity import PeerIdentity, peer_identity
 from telehealth.security.tls import peer_common_name
 from telehealth.security.tokens import TokenIssuer, TokenVerifier, UserClaims
 from telehealth.v1 import sessions_pb2
@@ -39,6 +40,8 @@ class AuditSink(Protocol):
 class KnownEdges(Protocol):
     def is_edge(self, edge_id: str) -> bool: ...
 
+    def zone_of(self, edge_id: str) -> str | None: ...
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -51,6 +54,10 @@ class Caller:
 
 # A ward page polling the same patients counts as one continued view for this long.
 VIEW_AUDIT_WINDOW_S = 300.0
+# Sessions' patients remembered for archive appends (a session's patient never changes).
+PATIENT_CACHE = 100_000
+# Certificates that may open a session: the patient's device, or an operator's tools.
+OPENERS = ("device", "operator")
 
 
 class AccessPolicy:
@@ -78,6 +85,13 @@ class AccessPolicy:
         self.refresh_grace_s = refresh_grace_s
         # (user, action, patient, session) -> when that view was last recorded.
         self._recent_views: dict[tuple[str, str, str, str], int] = {}
+        self._patients: dict[str, str] = {}
+        if not tls:
+            log.warning(
+                "plaintext mode: peer identities are NOT checked (any caller may heartbeat or "
+                "append archive and audit records as an edge, and open sessions); set "
+                "tls_cert_file, tls_key_file and tls_ca_file for mTLS"
+            )
 
     # -- identities -------------------------------------------------------------------------
 
@@ -113,17 +127,78 @@ class AccessPolicy:
             expired_grace_s=self.refresh_grace_s,
         )
 
-    def edge(self, context: Context, edge_id: str) -> None:
-        """An edge node: with mTLS its certificate must name it; in plaintext dev mode there is
-        no peer identity, so only a registered edge id is required."""
-        if self.tls:
-            cn = peer_common_name(context)
-            if cn != edge_id:
+    def identity(self, context: Context) -> PeerIdentity:
+        """The role URI of the caller's certificate (telehealth.security.identity)."""
+        return peer_identity(context)
+
+    def edge(self, context: Context, edge_id: str, claimed_zone: str | None = None) -> None:
+        """An edge node. With mTLS its certificate's role URI must name this edge id, or the
+        zone it serves (claimed_zone on the first heartbeat, else the zone it registered
+        with). In plaintext dev mode there is no peer identity, so only a registered edge id
+        is required (startup says so)."""
+        if not self.tls:
+            if claimed_zone is None and not self.edges.is_edge(edge_id):
+                raise PermissionDenied(f"{edge_id[:128]!r} is not a registered edge")
+            return
+        who = self.identity(context)
+        if who.kind == "edge" and who.name == edge_id:
+            return
+        if who.kind == "zone":
+            registered = self.edges.zone_of(edge_id)
+            zone = claimed_zone if claimed_zone is not None else registered
+            if zone == who.name and (registered is None or registered == who.name):
+                return
+            raise PermissionDenied(
+                f"client certificate {who.describe()} serves zone {who.name!r}; edge "
+                f"{edge_id[:128]!r} is {'not registered' if zone is None else 'in another zone'}"
+            )
+        raise PermissionDenied(
+            f"client certificate {who.describe()} may not act as edge {edge_id[:128]!r} "
+            "(needs spiffe://telehealth/edge/<edge_id> or .../zone/<zone>)"
+        )
+
+    def opener(self, context: Context) -> None:
+        """Sessions.Open: with mTLS only a device or operator certificate may open one."""
+        if not self.tls:
+            return
+        who = self.identity(context)
+        if who.kind not in OPENERS:
+            raise PermissionDenied(
+                f"client certificate {who.describe()} may not open sessions (needs a device "
+                "or operator certificate: spiffe://telehealth/device or .../operator)"
+            )
+
+    async def patient_cached(self, session_id: str) -> str:
+        """The session's patient (never changes), remembered for the archive's hot path."""
+        hit = self._patients.get(session_id)
+        if hit is not None:
+            return hit
+        patient = await self.patient(session_id)
+        if len(self._patients) >= PATIENT_CACHE:
+            self._patients.clear()
+        self._patients[session_id] = patient
+        return patient
+
+    async def archive_batches(self, req: Any, edge_id: str) -> None:
+        """Rows an edge archives must be its own and labelled with the session's patient:
+        an edge must never write vitals under another patient or another edge's name."""
+        if req.edge_id != edge_id:
+            raise PermissionDenied(
+                f"archive stream of edge {edge_id[:128]!r} cannot append for {req.edge_id[:128]!r}"
+            )
+        for b in req.batches:
+            if b.edge_id and b.edge_id != edge_id:
                 raise PermissionDenied(
-                    f"client certificate {cn!r} may not act as edge {edge_id[:128]!r}"
+                    f"edge {edge_id[:128]!r} cannot archive batches labelled edge "
+                    f"{b.edge_id[:128]!r}"
                 )
-        elif not self.edges.is_edge(edge_id):
-            raise PermissionDenied(f"{edge_id[:128]!r} is not a registered edge")
+            if not b.session_id or (b.rejected and not b.patient_id):
+                continue  # the servicer refuses a missing session; tombstones carry no vitals
+            if b.patient_id != await self.patient_cached(b.session_id):
+                raise PermissionDenied(
+                    f"batch seq {b.batch.seq} names a patient other than session "
+                    f"{b.session_id[:64]}'s; nothing of this request was stored"
+                )
 
     async def clinician_for(
         self, context: Context, patient_id: str, action: str, session_id: str = ""
@@ -233,6 +308,11 @@ async def _open(p: AccessPolicy, req: Any, ctx: Context) -> None:
     return None
 
 
+async def _open_session(p: AccessPolicy, req: Any, ctx: Context) -> None:
+    p.opener(ctx)
+    return None
+
+
 async def _operator(p: AccessPolicy, req: Any, ctx: Context) -> None:
     p.user(ctx, "operator")
     return None
@@ -336,7 +416,7 @@ async def _audit_append(p: AccessPolicy, req: Any, ctx: Context) -> None:
 
 
 UNARY_RULES: dict[str, Rule] = {
-    "/telehealth.v1.SessionsService/Open": _open,
+    "/telehealth.v1.SessionsService/Open": _open_session,
     "/telehealth.v1.SessionsService/Attach": _attach,
     "/telehealth.v1.SessionsService/Close": _publisher_or_operator,
     "/telehealth.v1.SessionsService/ChangeZone": _publisher,
@@ -424,15 +504,22 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         ):
             inner_ss: Any = handler.stream_stream
 
+            archive = method == "/telehealth.v1.ArchiveService/Append"
+
             async def from_edge(request_iterator: Any, context: Context) -> AsyncIterator[Any]:
                 async def checked() -> AsyncIterator[Any]:
-                    first = True
+                    edge_id: str | None = None
                     async for req in request_iterator:
-                        if first:
-                            # Every later message is checked against this id by the servicer.
+                        if edge_id is None:
                             if p.tls:
-                                p.edge(context, req.edge_id)
-                            first = False
+                                # A heartbeat registers the edge, so its zone is the claimed
+                                # one; later messages are held to this id (servicer, below).
+                                p.edge(context, req.edge_id, None if archive else req.zone)
+                            edge_id = req.edge_id
+                        if archive:
+                            # Checked whole before the servicer sees it: a bad batch stores
+                            # nothing of its request.
+                            await p.archive_batches(req, edge_id)
                         yield req
 
                 async for resp in inner_ss(checked(), context):

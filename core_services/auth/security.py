@@ -39,6 +39,10 @@ class _Edges:
     def is_edge(self, edge_id: str) -> bool:
         return edge_id in self._r.edges
 
+    def zone_of(self, edge_id: str) -> str | None:
+        e = self._r.edges.get(edge_id)
+        return None if e is None else e.zone
+
 
 class CoreSecurity:
     def __init__(
