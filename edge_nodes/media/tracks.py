@@ -25,6 +25,7 @@ from av.frame import Frame
 from av.packet import Packet
 from av.video.frame import PictureType
 
+from edge_nodes.media.frames import own_audio_frame, own_video_frame
 from edge_nodes.media.passthrough import EncodedFeed, EncodedTap
 from edge_nodes.media.quality import REDUCED_MAX_FPS, REDUCED_SCALE, CallMode
 
@@ -279,7 +280,7 @@ class ForwardedTrack(MediaStreamTrack):
             return None
         out = self._shape(frame)
         if isinstance(out, VideoFrame) and self._key_next:
-            out.pict_type = PictureType.I
+            out.pict_type = PictureType.I  # our own copy (see _shape), never the relayed frame
             self._key_next = False
         return out
 
@@ -294,7 +295,10 @@ class ForwardedTrack(MediaStreamTrack):
         now = time.monotonic()
         if self._t0 is None:
             self._t0 = now
+        # The relay hands this very frame object to every other reader too, and our sender's
+        # encoder reads it in an executor thread: work on a copy of our own (media/frames.py).
         if isinstance(frame, AudioFrame):
+            frame = own_audio_frame(frame)
             # Sample-counting clock: continuous across sources, as the Opus encoder expects.
             frame.pts = self._samples
             frame.time_base = fractions.Fraction(1, frame.sample_rate)
@@ -310,7 +314,10 @@ class ForwardedTrack(MediaStreamTrack):
                 return None
             w = max(2, frame.width // REDUCED_SCALE // 2 * 2)
             h = max(2, frame.height // REDUCED_SCALE // 2 * 2)
-            frame = frame.reformat(width=w, height=h)
+            scaled = frame.reformat(width=w, height=h)  # a new frame, made on the loop thread
+            frame = scaled if scaled is not frame else own_video_frame(frame)
+        else:
+            frame = own_video_frame(frame)
         self._last_sent = now
         frame.pts = int((now - self._t0) * 90_000)
         frame.time_base = VIDEO_CLOCK

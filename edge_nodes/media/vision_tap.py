@@ -1,4 +1,8 @@
-"""A sampled copy of the patient's video to vision, in a worker thread off the relay path."""
+"""A sampled copy of the patient's video to vision, in a worker thread off the relay path.
+
+The copy is taken on the event loop (media/frames.py): the relayed frame itself is shared by
+every reader and must never be converted in another thread.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 
 from edge_nodes.media.consultation import Consultation
+from edge_nodes.media.frames import VisionSample
 from edge_nodes.vision.analyzer import FrameAnalyzer, VisionResult
 from edge_nodes.vitals.pipeline import Event
 from telehealth.v1 import media_pb2, vitals_pb2
@@ -60,8 +65,10 @@ class VisionWorker:
                         analyzer = await loop.run_in_executor(
                             self._pool, FrameAnalyzer, self.sample_hz
                         )
+                    # Copied here, on the loop: the worker never sees the relayed frame.
+                    sample = VisionSample.take(frame)
                     result = await loop.run_in_executor(
-                        self._pool, _analyse, analyzer, frame, arrived - t0
+                        self._pool, _analyse, analyzer, sample, arrived - t0
                     )
                     done = time.monotonic()
                     call.metrics.vision_latency.observe(done - arrived)
@@ -92,8 +99,9 @@ def _background_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), VISION_NICE)
 
 
-def _analyse(analyzer: FrameAnalyzer, frame: VideoFrame, t_s: float) -> VisionResult:
-    return analyzer.analyse(frame.to_ndarray(format="bgr24"), t_s)
+def _analyse(analyzer: FrameAnalyzer, sample: VisionSample, t_s: float) -> VisionResult:
+    """In the vision thread: only the sample's private array is touched here."""
+    return analyzer.analyse(sample.bgr(), t_s)
 
 
 def hint_pb(r: VisionResult) -> media_pb2.VisionHint:
