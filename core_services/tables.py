@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, MetaData, String, Table
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    false,
+)
 
 metadata = MetaData()
 
@@ -44,6 +55,8 @@ archived_batches = Table(
     Column("edge_received_unix_ns", BigInteger, nullable=False),
     Column("archived_unix_ns", BigInteger, nullable=False),
     Column("batch", LargeBinary, nullable=False),
+    # A seq the edge refused: consumed (the watermark passes it) but holding no vitals.
+    Column("rejected", Boolean, nullable=False, server_default=false()),
     Index("ix_archived_batches_patient_time", "patient_id", "device_time_unix_ns"),
 )
 

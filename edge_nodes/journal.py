@@ -33,7 +33,9 @@ CREATE TABLE IF NOT EXISTS journal (
     patient_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
     edge_received_unix_ns INTEGER NOT NULL,
-    batch BLOB NOT NULL
+    batch BLOB NOT NULL,
+    -- 1: a tombstone for a seq the edge refused (the batch holds only session_id and seq).
+    rejected INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS forwarded (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -55,6 +57,8 @@ class JournalEntry:
     edge_received_unix_ns: int
     # The VitalsBatch, serialized once when journaled.
     batch: bytes
+    # A refused seq: forwarded so the archive's watermark passes it, never replayed as vitals.
+    rejected: bool = False
 
 
 class JournalError(Exception):
@@ -68,7 +72,14 @@ class Journal:
         self._max_group = max_group
         self._db = sqlite3.connect(path)
         self._db.executescript("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;" + SCHEMA)
-        self._pending: list[tuple[str, str, int, int, bytes]] = []
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(journal)")}
+        if "rejected" not in columns:
+            # A journal written before tombstones existed: its backlog is all accepted batches.
+            with self._db:
+                self._db.execute(
+                    "ALTER TABLE journal ADD COLUMN rejected INTEGER NOT NULL DEFAULT 0"
+                )
+        self._pending: list[tuple[str, str, int, int, bytes, int]] = []
         self._group: asyncio.Future[None] | None = None
         self._tail: deque[JournalEntry] = deque()
         self.commits = 0
@@ -84,11 +95,15 @@ class Journal:
         seq: int,
         received_ns: int,
         batch: vitals_pb2.VitalsBatch,
+        rejected: bool = False,
     ) -> None:
-        """Return once the batch is committed."""
+        """Return once the batch (or, rejected=True, the tombstone of a refused seq) is
+        committed."""
         if self._closed:
             raise JournalError("journal is closed")
-        self._pending.append((session_id, patient_id, seq, received_ns, batch.SerializeToString()))
+        self._pending.append(
+            (session_id, patient_id, seq, received_ns, batch.SerializeToString(), int(rejected))
+        )
         if self._group is None:
             loop = asyncio.get_running_loop()
             self._group = loop.create_future()
@@ -111,7 +126,7 @@ class Journal:
             with self._db:
                 self._db.executemany(
                     "INSERT INTO journal (session_id, patient_id, seq, edge_received_unix_ns,"
-                    " batch) VALUES (?, ?, ?, ?, ?)",
+                    " batch, rejected) VALUES (?, ?, ?, ?, ?, ?)",
                     rows,
                 )
                 last = int(self._db.execute("SELECT last_insert_rowid()").fetchone()[0])
@@ -124,8 +139,8 @@ class Journal:
         self.appended += len(rows)
         # One writer with AUTOINCREMENT: the group's positions are contiguous.
         first = last - len(rows) + 1
-        for i, (sid, pid, seq, received, raw) in enumerate(rows):
-            self._tail.append(JournalEntry(first + i, sid, pid, seq, received, raw))
+        for i, (sid, pid, seq, received, raw, rejected) in enumerate(rows):
+            self._tail.append(JournalEntry(first + i, sid, pid, seq, received, raw, bool(rejected)))
         while len(self._tail) > TAIL_MAX:
             self._tail.popleft()
         if group is not None and not group.done():
@@ -151,13 +166,13 @@ class Journal:
         db = sqlite3.connect(self.path)
         try:
             rows = db.execute(
-                "SELECT position, session_id, patient_id, seq, edge_received_unix_ns, batch "
-                "FROM journal WHERE position > ? ORDER BY position LIMIT ?",
+                "SELECT position, session_id, patient_id, seq, edge_received_unix_ns, batch,"
+                " rejected FROM journal WHERE position > ? ORDER BY position LIMIT ?",
                 (position, limit),
             ).fetchall()
         finally:
             db.close()
-        return [JournalEntry(*r) for r in rows]
+        return [JournalEntry(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in rows]
 
     def forwarded_position(self) -> int:
         row = self._db.execute("SELECT position FROM forwarded WHERE id = 1").fetchone()

@@ -96,6 +96,7 @@ class Replicator:
                         edge_id=self._edge_id,
                         edge_received_unix_ns=e.edge_received_unix_ns,
                         batch=e.batch,
+                        rejected=e.rejected,
                     )
                     for e in entries
                 ],

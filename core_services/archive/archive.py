@@ -7,7 +7,7 @@ import time
 
 from core_services.archive.store import ArchiveStore, StoredBatch
 from telehealth.telemetry.metrics import CoreMetrics
-from telehealth.v1 import archive_pb2
+from telehealth.v1 import archive_pb2, vitals_pb2
 from telehealth.watermark import Watermark
 
 
@@ -49,6 +49,7 @@ class Archive:
             rows: list[StoredBatch] = []
             touched: dict[str, Watermark] = {}
             duplicates = 0
+            tombstones = 0
             added: set[tuple[str, int]] = set()
             loaded: dict[str, Watermark] = {}
             for ab in batches:
@@ -59,15 +60,23 @@ class Archive:
                     duplicates += 1
                     continue
                 added.add((ab.session_id, seq))
+                if ab.rejected:
+                    tombstones += 1
                 rows.append(
                     StoredBatch(
                         session_id=ab.session_id,
                         seq=seq,
                         patient_id=ab.patient_id,
                         edge_id=ab.edge_id or edge_id,
-                        device_time_unix_ns=ab.batch.device_time_unix_ns,
+                        # A tombstone keeps nothing the edge refused: only session and seq.
+                        device_time_unix_ns=0 if ab.rejected else ab.batch.device_time_unix_ns,
                         edge_received_unix_ns=ab.edge_received_unix_ns,
-                        batch=ab.batch.SerializeToString(),
+                        batch=(
+                            vitals_pb2.VitalsBatch(session_id=ab.session_id, seq=seq)
+                            if ab.rejected
+                            else ab.batch
+                        ).SerializeToString(),
+                        rejected=ab.rejected,
                     )
                 )
             before = {sid: wm.value for sid, wm in touched.items()}
@@ -81,7 +90,7 @@ class Archive:
                 for sid in touched:
                     self._wm.pop(sid, None)
                 raise
-        self._metrics.archived.inc(len(rows))
+        self._metrics.archived.inc(len(rows) - tombstones)
         self._metrics.archive_duplicates.inc(duplicates)
         self._metrics.archive_append.observe(time.perf_counter() - t0)
         return {sid: wm.value for sid, wm in touched.items()}, duplicates

@@ -23,6 +23,8 @@ class StoredBatch:
     device_time_unix_ns: int
     edge_received_unix_ns: int
     batch: bytes
+    # A tombstone: the edge refused this seq; it counts for the watermark, holds no vitals.
+    rejected: bool = False
 
 
 class ArchiveStore:
@@ -50,6 +52,7 @@ class ArchiveStore:
                             "edge_received_unix_ns": r.edge_received_unix_ns,
                             "archived_unix_ns": now,
                             "batch": r.batch,
+                            "rejected": r.rejected,
                         }
                         for r in rows
                     ],
@@ -94,10 +97,12 @@ class ArchiveStore:
         return int(wm), [int(s) for s in above]
 
     async def count(self, session_id: str) -> int:
+        """Batches of vitals held for the session (tombstones not counted)."""
+        t = archived_batches.c
         async with self._store.engine.connect() as conn:
             n = (
                 await conn.execute(
-                    select(func.count()).where(archived_batches.c.session_id == session_id)
+                    select(func.count()).where(t.session_id == session_id, t.rejected.is_(False))
                 )
             ).scalar_one()
         return int(n)
@@ -111,7 +116,8 @@ class ArchiveStore:
         to_ns: int = 0,
         limit: int = 1000,
     ) -> list[StoredBatch]:
-        q = select(archived_batches)
+        # Tombstones hold no vitals: readers never see them.
+        q = select(archived_batches).where(archived_batches.c.rejected.is_(False))
         if patient_id:
             q = q.where(archived_batches.c.patient_id == patient_id)
         if session_id:
@@ -142,7 +148,7 @@ class ArchiveStore:
         after the key `after` (keyset paging: no row repeats or is skipped between pages,
         and nothing earlier is held in memory)."""
         t = archived_batches.c
-        q = select(archived_batches).where(t.patient_id == patient_id)
+        q = select(archived_batches).where(t.patient_id == patient_id, t.rejected.is_(False))
         if from_ns:
             q = q.where(t.device_time_unix_ns >= from_ns)
         if to_ns:
@@ -164,4 +170,5 @@ def _row(r: Any) -> StoredBatch:
         device_time_unix_ns=r.device_time_unix_ns,
         edge_received_unix_ns=r.edge_received_unix_ns,
         batch=bytes(r.batch),
+        rejected=bool(r.rejected),
     )

@@ -26,6 +26,8 @@ class IngestResult:
     accepted: bool
     duplicate: bool = False
     rejection: DomainError | None = None
+    # Refused, but its seq is consumed: journal and forward a tombstone for it.
+    tombstone: bool = False
     # The waveforms' samples as arrays, in batch order (accepted batches only).
     waveforms: tuple[npt.NDArray[np.float32], ...] = ()
 
@@ -71,7 +73,9 @@ class SessionChannel:
 
     def admit(self, batch: vitals_pb2.VitalsBatch) -> IngestResult:
         """Validate and dedup one batch. An accepted batch is marked received at once, so a
-        racing copy on another stream is a duplicate; the caller journals it, then process()."""
+        racing copy on another stream is a duplicate; the caller journals it, then process().
+        A refused batch whose seq is consumed comes back with tombstone=True: the caller
+        journals a tombstone for it, so the archive's watermark passes the seq."""
         if batch.seq == 0:
             return IngestResult(
                 accepted=False,
@@ -80,12 +84,17 @@ class SessionChannel:
         if self.watermark.seen(batch.seq):
             return IngestResult(accepted=False, duplicate=True)
         try:
-            arrays = validate_batch(batch, self.limits)
             check_ahead(self.watermark, batch.seq)
+        except DomainError as e:
+            # Not consumed: the device is told to resend from the watermark, and this seq
+            # must be taken when it comes again in its turn.
+            return IngestResult(accepted=False, rejection=e)
+        try:
+            arrays = validate_batch(batch, self.limits)
         except DomainError as e:
             # The seq is consumed so the device moves on; nothing of the batch is kept.
             self.watermark.add(batch.seq)
-            return IngestResult(accepted=False, rejection=e)
+            return IngestResult(accepted=False, rejection=e, tombstone=True)
         self.watermark.add(batch.seq)
         return IngestResult(accepted=True, waveforms=tuple(arrays))
 

@@ -76,20 +76,33 @@ class VitalsServicer(vitals_pb2_grpc.VitalsServiceServicer):
                         f"seq went backwards on this stream ({batch.seq} after {last_seq}); "
                         f"resume from {channel.watermark.value + 1} on a new stream"
                     )
-                last_seq = max(last_seq, batch.seq)
                 result = channel.admit(batch)
-                if result.accepted:
+                if result.accepted or result.tombstone:
+                    # A seq refused without being consumed (far ahead) does not count: the
+                    # device resends from the watermark on this same stream.
+                    last_seq = max(last_seq, batch.seq)
                     now = time.time_ns()
+                    journaled = (
+                        batch
+                        if result.accepted
+                        else vitals_pb2.VitalsBatch(session_id=channel.session_id, seq=batch.seq)
+                    )
                     try:
                         await self._journal.append(
-                            channel.session_id, channel.patient_id, batch.seq, now, batch
+                            channel.session_id,
+                            channel.patient_id,
+                            batch.seq,
+                            now,
+                            journaled,
+                            rejected=result.tombstone,
                         )
                     except JournalError as e:
                         # What the channel believes received is no longer true: forget it,
                         # the device resends from the archived watermark.
                         self._sessions.channels.pop(channel.session_id, None)
                         raise Unavailable(f"edge journal failed ({e}); reconnect") from e
-                    channel.process(batch, now, result.waveforms)
+                    if result.accepted:
+                        channel.process(batch, now, result.waveforms)
                 resp = vitals_pb2.PublishVitalsResponse(
                     session_id=channel.session_id,
                     received_seq=channel.watermark.value,

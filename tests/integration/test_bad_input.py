@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
 
 from core_services.server import CoreServer
+from edge_nodes.server import EdgeServer
+from edge_nodes.vitals.domain import MAX_SEQ_AHEAD
 from telehealth.rpc import bearer
-from telehealth.v1 import sessions_pb2, sessions_pb2_grpc, vitals_pb2, vitals_pb2_grpc
+from telehealth.v1 import (
+    archive_pb2,
+    archive_pb2_grpc,
+    sessions_pb2,
+    sessions_pb2_grpc,
+    vitals_pb2,
+    vitals_pb2_grpc,
+)
 from tests.conftest import EdgeFactory, eventually, staff
 from tests.integration.test_vitals_path import make_batch, open_session, requests
 
@@ -34,6 +44,47 @@ IMPOSSIBLE = [
 ]
 
 
+async def viewer_of(core: CoreServer, channel_to: ChannelTo, sid: str, patient: str = "p-1") -> str:
+    sessions = sessions_pb2_grpc.SessionsServiceStub(channel_to(core.address))
+    viewer = await sessions.Attach(
+        sessions_pb2.AttachSessionRequest(session_id=sid, role=sessions_pb2.ROLE_VIEWER),
+        metadata=await staff(core, "clinician", (patient,)),
+    )
+    return viewer.assignment.token
+
+
+async def events_until(
+    sub: grpc.aio.UnaryStreamCall[Any, vitals_pb2.SubscribeVitalsResponse], last_seq: int
+) -> list[vitals_pb2.SubscribeVitalsResponse]:
+    """Every event up to and including the NEWS2 of the batch with last_seq (the batch's
+    own event comes first, its score right after)."""
+    got: list[vitals_pb2.SubscribeVitalsResponse] = []
+    async for ev in sub:
+        got.append(ev)
+        if ev.HasField("news2") and ev.news2.seq == last_seq:
+            break
+    sub.cancel()
+    return got
+
+
+async def archived_to(core: CoreServer, channel_to: ChannelTo, sid: str, seq: int) -> None:
+    archive = archive_pb2_grpc.ArchiveServiceStub(channel_to(core.address))
+
+    async def reached() -> bool:
+        r = await archive.GetWatermark(archive_pb2.GetWatermarkRequest(session_id=sid))
+        return r.watermark.archived_seq == seq
+
+    await eventually(reached, what=f"archived_seq {seq}")
+
+
+def journaled(edge: EdgeServer, sid: str) -> dict[int, tuple[bool, vitals_pb2.VitalsBatch]]:
+    return {
+        e.seq: (e.rejected, vitals_pb2.VitalsBatch.FromString(e.batch))
+        for e in edge.journal.read_after(0, 10_000)
+        if e.session_id == sid
+    }
+
+
 @pytest.mark.parametrize(("name", "fields", "named"), IMPOSSIBLE, ids=[c[0] for c in IMPOSSIBLE])
 async def test_impossible_values_are_rejected_and_never_fanned_out(
     core: CoreServer,
@@ -47,7 +98,16 @@ async def test_impossible_values_are_rejected_and_never_fanned_out(
     opened = await open_session(core, channel_to)
     sid = opened.session.session_id
     vitals = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
-    batches = [make_batch(sid, 1), with_vitals(2, sid, **fields), make_batch(sid, 3)]
+    sub = vitals.Subscribe(
+        vitals_pb2.SubscribeVitalsRequest(session_id=sid),
+        metadata=bearer(await viewer_of(core, channel_to, sid)),
+    )
+    await eventually(lambda: edge.sessions.subscribers == 1, what="subscriber joined")
+    # The bad reading also carries a distinctive heart rate (or the impossible one): if
+    # anything of it leaked into scoring or fan-out, it would show.
+    bad = with_vitals(2, sid, **{"heart_rate_bpm": 99, **fields})
+    marker = float(bad.vitals[0].heart_rate_bpm)
+    batches = [make_batch(sid, 1), bad, make_batch(sid, 3)]
     resps = [
         r async for r in vitals.Publish(requests(batches), metadata=bearer(opened.assignment.token))
     ]
@@ -58,11 +118,50 @@ async def test_impossible_values_are_rejected_and_never_fanned_out(
     assert named in rejected[0].message
     # The stream went on: batch 3 accepted and the watermark passed the rejected seq.
     assert resps[-1].received_seq == 3
-    channel = edge.sessions.channels[sid]
-    assert channel.latest.heart_rate_bpm is not None
-    assert channel.latest.heart_rate_bpm.value == 72.0
     assert edge.metrics.batches_rejected._value.get() == 1
     assert edge.metrics.batches_accepted._value.get() == 2
+
+    # Nothing of batch 2 reached the live subscriber: not the batch, not a score of it.
+    events = await events_until(sub, 3)
+    assert [e.batch.seq for e in events if e.HasField("batch")] == [1, 3]
+    assert [e.news2.seq for e in events if e.HasField("news2")] == [1, 3]
+    pulses = [p.value for e in events if e.HasField("news2") for p in e.news2.parameters]
+    assert marker not in pulses and 72.0 in pulses
+    assert edge.sessions.channels[sid].latest.heart_rate_bpm.value == 72.0  # type: ignore[union-attr]
+
+    # The journal holds a tombstone for seq 2 (session and seq only), not its vitals.
+    held = journaled(edge, sid)
+    assert sorted(held) == [1, 2, 3]
+    assert [held[s][0] for s in (1, 2, 3)] == [False, True, False]
+    assert held[2][1] == vitals_pb2.VitalsBatch(session_id=sid, seq=2)
+
+    # The archive consumed seq 2, so the durable watermark reaches the end; readers see
+    # only the two real batches, and the device is told through its acks.
+    await archived_to(core, channel_to, sid, 3)
+    archive = archive_pb2_grpc.ArchiveServiceStub(channel_to(core.address))
+    wm = await archive.GetWatermark(archive_pb2.GetWatermarkRequest(session_id=sid))
+    assert wm.archived_batches == 2
+    clinician = await staff(core, "clinician", ("p-1",))
+    got = await archive.QueryVitals(
+        archive_pb2.QueryVitalsRequest(session_id=sid), metadata=clinician
+    )
+    assert [b.batch.seq for b in got.batches] == [1, 3]
+    assert all(b.batch.vitals[0].heart_rate_bpm == 72.0 for b in got.batches)
+    pages = [
+        p
+        async for p in archive.ExportFhir(
+            archive_pb2.ExportFhirRequest(patient_id="p-1"), metadata=clinician
+        )
+    ]
+    assert sum(p.observations for p in pages) == 2 * 5
+    await eventually(lambda: edge.sessions.channels[sid].archived_seq == 3, what="edge told")
+    acks = [
+        r
+        async for r in vitals.Publish(
+            requests([make_batch(sid, 4)]), metadata=bearer(opened.assignment.token)
+        )
+    ]
+    assert acks[-1].archived_seq >= 3
 
 
 async def publish_expect(
@@ -96,6 +195,11 @@ async def test_empty_and_oversize_batches(
     assert "empty" in resps[0].rejection.message
     assert resps[1].rejection.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
     assert "at most 100" in resps[1].rejection.message
+    # Both seqs consumed as tombstones, so the archive's watermark passes them.
+    held = journaled(edge, sid)
+    assert {s: rejected for s, (rejected, _) in held.items()} == {1: True, 2: True}
+    assert held[2][1] == vitals_pb2.VitalsBatch(session_id=sid, seq=2)
+    await archived_to(core, channel_to, sid, 2)
     # Beyond the transport's message limit the stream itself ends with RESOURCE_EXHAUSTED.
     huge = make_batch(sid, 3)
     huge.waveforms[0].samples.extend([0.1] * 40_000)
@@ -206,9 +310,13 @@ async def test_tokens_sessions_and_placement_errors(
         (sessions_pb2.OpenSessionRequest(patient_id="", zone="zone-a"), "patient_id"),
         (sessions_pb2.OpenSessionRequest(patient_id="p", zone=""), "zone"),
         (
-            sessions_pb2.OpenSessionRequest(patient_id="p", zone="zone-a", spo2_scale=7),
+            sessions_pb2.OpenSessionRequest(
+                patient_id="p",
+                zone="zone-a",
+                spo2_scale=7,  # type: ignore[arg-type]
+            ),
             "spo2_scale",
-        ),  # type: ignore[arg-type]
+        ),
         (sessions_pb2.OpenSessionRequest(patient_id="p" * 500, zone="zone-a"), "patient_id"),
     ]:
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -258,3 +366,26 @@ async def test_no_edge_at_all_is_unavailable(core: CoreServer, channel_to: Chann
         await open_session(core, channel_to)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "no healthy edge" in (err.value.details() or "")
+
+
+async def test_far_ahead_seq_is_refused_without_being_consumed(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    edge = await edge_factory()
+    opened = await open_session(core, channel_to)
+    sid, token = opened.session.session_id, opened.assignment.token
+    stub = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
+    far = 1 + MAX_SEQ_AHEAD + 1
+    batches = [make_batch(sid, s) for s in (1, far, 2, far)]
+    resps = [r async for r in stub.Publish(requests(batches), metadata=bearer(token))]
+    # Refused the first time, with where to resume from...
+    assert resps[1].rejection.seq == far
+    assert resps[1].rejection.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "resend from 2" in resps[1].rejection.message
+    # ...and once in reach, the same seq is taken (not dropped as a duplicate), on the
+    # same stream (not refused as going backwards).
+    assert not resps[3].HasField("rejection") and resps[3].duplicates_dropped == 0
+    assert [r.received_seq for r in resps] == [1, 1, 2, 2]
+    assert edge.metrics.batches_accepted._value.get() == 3
+    held = journaled(edge, sid)
+    assert {s: rejected for s, (rejected, _) in held.items()} == {1: False, 2: False, far: False}

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, text
 from sqlalchemy.exc import IntegrityError
 
+from core_services.archive.store import ArchiveStore, StoredBatch
 from core_services.sessions.domain import EdgeState, Session, SessionState
-from core_services.store import SqlStore
+from core_services.store import MIGRATIONS, SqlStore
+from telehealth.v1 import vitals_pb2
 
 
 @pytest.fixture
@@ -58,3 +65,77 @@ async def test_migrations_are_idempotent(store: SqlStore) -> None:
     await store.add_session(session("keep"))
     await store.start()  # a restart runs the migrations again: nothing changes, nothing lost
     assert (await store.get_session("keep")) is not None
+
+
+def stored(sid: str, seq: int, t_ns: int, *, rejected: bool = False) -> StoredBatch:
+    b = vitals_pb2.VitalsBatch(session_id=sid, seq=seq)
+    if not rejected:
+        b.device_time_unix_ns = t_ns
+        b.vitals.add(device_time_unix_ns=t_ns, heart_rate_bpm=60 + seq)
+    return StoredBatch(
+        session_id=sid,
+        seq=seq,
+        patient_id="p-arch",
+        edge_id="edge-a",
+        device_time_unix_ns=0 if rejected else t_ns,
+        edge_received_unix_ns=t_ns + 1,
+        batch=b.SerializeToString(),
+        rejected=rejected,
+    )
+
+
+async def test_archive_store_keeps_tombstones_out_of_every_read(store: SqlStore) -> None:
+    archive = ArchiveStore(store)
+    rows = [stored("s-arch", s, s * 1_000_000_000) for s in (1, 2, 4, 5)]
+    rows.append(stored("s-arch", 3, 0, rejected=True))
+    await archive.append(rows, {"s-arch": 5})
+    # A repeat (an edge resending after a reconnect) changes nothing.
+    await archive.append(rows[:2], {"s-arch": 2})
+    wm, above = await archive.watermark("s-arch")
+    assert (wm, above) == (5, [])
+    assert await archive.count("s-arch") == 4
+    got = await archive.query(session_id="s-arch")
+    assert [r.seq for r in got] == [1, 2, 4, 5]
+    assert not any(r.rejected for r in got)
+    # The time window is [from, to): seq 2 at 2 s up to, not including, seq 5 at 5 s.
+    window = await archive.query(patient_id="p-arch", from_ns=2_000_000_000, to_ns=5_000_000_000)
+    assert [r.seq for r in window] == [2, 4]
+    page1 = await archive.scan_patient("p-arch", limit=2)
+    page2 = await archive.scan_patient(
+        "p-arch", after=(page1[-1].device_time_unix_ns, "s-arch", page1[-1].seq), limit=2
+    )
+    assert [r.seq for r in page1 + page2] == [1, 2, 4, 5]
+    assert vitals_pb2.VitalsBatch.FromString(page2[0].batch).vitals[0].heart_rate_bpm == 64
+
+
+async def test_tombstone_migration_keeps_archived_rows(store: SqlStore) -> None:
+    """0004 adds the rejected column to an archive that already holds batches."""
+
+    def to(revision: str) -> Callable[[Connection], None]:
+        def run(conn: Connection) -> None:
+            cfg = Config()
+            cfg.set_main_option("script_location", str(MIGRATIONS))
+            cfg.attributes["connection"] = conn
+            if revision == "head":
+                command.upgrade(cfg, revision)
+            else:
+                command.downgrade(cfg, revision)
+
+        return run
+
+    async with store.engine.begin() as conn:
+        await conn.run_sync(to("0003"))
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO archived_batches (session_id, seq, patient_id, edge_id,"
+                " device_time_unix_ns, edge_received_unix_ns, archived_unix_ns, batch)"
+                " VALUES ('s-old', 1, 'p-old', 'edge-a', 5, 6, 7, :b)"
+            ),
+            {"b": stored("s-old", 1, 5).batch},
+        )
+    async with store.engine.begin() as conn:
+        await conn.run_sync(to("head"))
+    archive = ArchiveStore(store)
+    got = await archive.query(session_id="s-old")
+    assert [(r.seq, r.rejected) for r in got] == [(1, False)]
