@@ -50,7 +50,15 @@ class PushTokenKeys:
     """The core rotated its signing keys: the edge replaces its verifying keys at once."""
 
 
-Command = AssignSession | ReleaseSession | SetDraining | PushTokenKeys
+@dataclass(frozen=True)
+class EndStream:
+    """Not sent to the edge: the core gave up on this stream (it declared the edge dead), so
+    the stream ends and the edge registers anew, learning what it no longer holds."""
+
+    reason: str
+
+
+Command = AssignSession | ReleaseSession | SetDraining | PushTokenKeys | EndStream
 
 
 @dataclass
@@ -96,6 +104,8 @@ class EdgeRegistry:
         self._beats: dict[str, int] = {}
         self._last_flush = 0.0
         self.on_edge_connected: Callable[[str], Awaitable[None]] | None = None
+        # Edges Kubernetes last called ready; None until discovery has reported (or without it).
+        self.discovered_ready: set[str] | None = None
 
     async def load(self) -> None:
         """Recover edges from the store after a core restart; liveness restarts from now."""
@@ -145,20 +155,42 @@ class EdgeRegistry:
             e = EdgeEntry(edge_id=edge_id, zone=zone, address=address)
             self.edges[edge_id] = e
         e.zone, e.address, e.capacity_sessions = zone, address, capacity
+        if e.outbox is not None:
+            # An older stream of this edge is still open here: it must not outlive this one.
+            e.outbox.put_nowait(EndStream("the edge opened a newer heartbeat stream"))
         e.outbox = asyncio.Queue()
         e.stream_token = object()
         e.last_heartbeat_mono = self._clock()
         e.last_heartbeat_unix_ns = time.time_ns()
-        e.state = EdgeState.DRAINING if e.draining else EdgeState.HEALTHY
+        # Heartbeats on a new stream revive a dead edge, unless Kubernetes says it is not ready.
+        e.state = self._alive_state(e) if self._may_serve(edge_id) else EdgeState.DEAD
         log.info(
             "edge connected",
-            extra={"edge": edge_id, "zone": zone, "address": address, "was_dead": was_dead},
+            extra={
+                "edge": edge_id,
+                "zone": zone,
+                "address": address,
+                "was_dead": was_dead,
+                "state": e.state.name.lower(),
+            },
         )
         await self._persist(e)
         self._export()
         if self.on_edge_connected is not None:
             await self.on_edge_connected(edge_id)
         return e, e.outbox
+
+    @staticmethod
+    def _alive_state(e: EdgeEntry) -> EdgeState:
+        return EdgeState.DRAINING if e.draining else EdgeState.HEALTHY
+
+    def _may_serve(self, edge_id: str) -> bool:
+        return self.discovered_ready is None or edge_id in self.discovered_ready
+
+    def is_current(self, edge_id: str, stream_token: object) -> bool:
+        """Is this the edge's live stream here (not one the core ended or a newer one replaced)?"""
+        e = self.edges.get(edge_id)
+        return e is not None and e.stream_token is stream_token and e.outbox is not None
 
     def disconnect(self, edge_id: str, stream_token: object) -> None:
         e = self.edges.get(edge_id)
@@ -257,10 +289,23 @@ class EdgeRegistry:
 
     async def refresh(self) -> None:
         """Take in edges whose streams other replicas hold, as the shared store has them."""
+        tokens = {e.edge_id: e.stream_token for e in self.edges.values()}
         for row in await self._store.list_edges():
             e = self.edges.get(row["edge_id"])
             if e is not None and e.outbox is not None:
-                continue  # this replica hears the edge itself
+                # This replica hears the edge itself. If another replica declared it dead
+                # (and re-placed its sessions) while this stream stayed up, end the stream so
+                # the edge registers again and learns what moved - unless the stream is newer
+                # than what was read.
+                if (
+                    row["state"] is EdgeState.DEAD
+                    and e.state is not EdgeState.DEAD
+                    and tokens.get(e.edge_id) is e.stream_token
+                ):
+                    log.warning("edge declared dead by another replica", extra={"edge": e.edge_id})
+                    e.state = EdgeState.DEAD
+                    self._end_stream(e, "declared dead by another core replica")
+                continue
             if e is None:
                 e = EdgeEntry(edge_id=row["edge_id"], zone=row["zone"], address=row["address"])
                 self.edges[e.edge_id] = e
@@ -273,14 +318,33 @@ class EdgeRegistry:
 
     async def apply_discovery(self, found: list[DiscoveredEdge]) -> list[str]:
         """Kubernetes' view: an edge whose endpoint is gone or not ready is dead at once,
-        without waiting for its heartbeats to time out."""
+        without waiting for its heartbeats to time out; one that is ready again and
+        heartbeating here comes back. Returns the newly dead."""
         ready = {d.edge_id for d in found if d.ready}
+        self.discovered_ready = ready
+        now = self._clock()
+        for e in self.edges.values():
+            if (
+                e.state is EdgeState.DEAD
+                and e.edge_id in ready
+                and e.outbox is not None
+                and now - e.last_heartbeat_mono <= self.heartbeat_timeout_s
+            ):
+                await self._revive(e, "endpoint ready again in Kubernetes")
         gone = [
             e.edge_id
             for e in self.edges.values()
             if e.state is not EdgeState.DEAD and e.edge_id not in ready
         ]
         return await self.mark_dead(gone, "endpoint removed or not ready in Kubernetes")
+
+    async def _revive(self, e: EdgeEntry, reason: str) -> None:
+        e.state = self._alive_state(e)
+        log.info("edge back", extra={"edge": e.edge_id, "reason": reason})
+        await self._persist(e)
+        self._export()
+        if self.on_edge_connected is not None:
+            await self.on_edge_connected(e.edge_id)
 
     async def mark_dead(self, edge_ids: list[str], reason: str) -> list[str]:
         # Several clients may report the same edge at once: only the first report counts.
@@ -291,7 +355,7 @@ class EdgeRegistry:
         for edge_id in edge_ids:
             e = self.edges[edge_id]
             e.state = EdgeState.DEAD
-            e.outbox = None
+            self._end_stream(e, reason)
             if self.shared and not await self._store.claim_edge_death(edge_id):
                 continue  # another replica saw it first and re-places its sessions
             claimed.append(edge_id)
@@ -304,6 +368,14 @@ class EdgeRegistry:
                 for edge_id in edge_ids:
                     await self.on_edge_dead(edge_id)
         return edge_ids
+
+    def _end_stream(self, e: EdgeEntry, reason: str) -> None:
+        """End the edge's heartbeat stream here: when (if) the edge is alive it registers
+        again, reports what it holds, and is told which of those sessions moved on."""
+        if e.outbox is not None:
+            e.outbox.put_nowait(EndStream(f"edge {e.edge_id} declared dead: {reason}"))
+        e.outbox = None
+        e.stream_token = object()
 
     async def run_liveness(self, stop: asyncio.Event) -> None:
         period = min(0.25, self.heartbeat_timeout_s / 4)

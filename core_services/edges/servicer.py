@@ -12,13 +12,14 @@ from core_services.edges.registry import (
     AssignSession,
     Command,
     EdgeRegistry,
+    EndStream,
     PushTokenKeys,
     ReleaseSession,
     SetDraining,
 )
 from core_services.sessions.directory import SessionDirectory
 from core_services.sessions.domain import LiveReport
-from telehealth.errors import InvalidArgument
+from telehealth.errors import InvalidArgument, Unavailable
 from telehealth.rpc import Context
 from telehealth.security.tokens import KeyRing
 from telehealth.v1 import edges_pb2, edges_pb2_grpc
@@ -87,8 +88,9 @@ class EdgesServicer(edges_pb2_grpc.EdgesServiceServicer):
             edge_id, first.zone, first.address, first.load.capacity_sessions or 1000
         )
         token = entry.stream_token
-        self._apply(first)
+        await self._apply(first, token)
         # Everything the edge must know to serve: keys, its sessions, whether it is draining.
+        # (What it reported but no longer holds is already queued as releases by _apply.)
         yield self._keys_pb()
         for s in self._directory.sessions_on(edge_id):
             yield self._command_pb(await self._directory.assignment_command(s))
@@ -101,7 +103,7 @@ class EdgesServicer(edges_pb2_grpc.EdgesServiceServicer):
                     raise InvalidArgument(
                         f"heartbeat stream of {edge_id} cannot report for {req.edge_id}"
                     )
-                self._apply(req)
+                await self._apply(req, token)
 
         reader = asyncio.create_task(read())
         try:
@@ -109,7 +111,11 @@ class EdgesServicer(edges_pb2_grpc.EdgesServiceServicer):
                 get = asyncio.create_task(outbox.get())
                 done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if get in done:
-                    yield self._command_pb(get.result())
+                    command = get.result()
+                    if isinstance(command, EndStream):
+                        # UNAVAILABLE: the edge treats it as a lost link and registers again.
+                        raise Unavailable(f"{command.reason}; register again")
+                    yield self._command_pb(command)
                     continue
                 get.cancel()
                 reader.result()  # re-raise a reader error as this stream's status
@@ -119,8 +125,10 @@ class EdgesServicer(edges_pb2_grpc.EdgesServiceServicer):
             self._registry.disconnect(edge_id, token)
             log.info("edge heartbeat stream ended", extra={"edge": edge_id})
 
-    def _apply(self, req: edges_pb2.HeartbeatRequest) -> None:
-        if self._registry.edges.get(req.edge_id) is None:
+    async def _apply(self, req: edges_pb2.HeartbeatRequest, token: object) -> None:
+        if not self._registry.is_current(req.edge_id, token):
+            # A stream the core ended (it declared the edge dead) or a newer one replaced:
+            # its beats must not keep the edge alive; the edge registers again.
             return
         if req.http_address:
             self._registry.edges[req.edge_id].http_address = req.http_address
@@ -146,6 +154,9 @@ class EdgesServicer(edges_pb2_grpc.EdgesServiceServicer):
                     assigned=r.assigned,
                 ),
             )
+        # Whatever it holds that the directory places elsewhere (or closed) is let go now,
+        # so its device moves on at once instead of streaming to the wrong edge.
+        await self._directory.reconcile(req.edge_id, [r.session_id for r in req.sessions])
 
     async def ListEdges(
         self, request: edges_pb2.ListEdgesRequest, context: Context

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +36,9 @@ READY_TIMEOUT_S = 2.0
 # How long the old edge keeps a moving device's stream if the device never shows up anew.
 HANDOVER_TIMEOUT_S = 10.0
 WATCH_QUEUE = 4096
+# An edge still reporting a session placed elsewhere is told again at most this often (its
+# next heartbeats may have left before the release reached it).
+RELEASE_RESEND_S = 1.0
 
 
 class EventKind(Enum):
@@ -109,6 +113,11 @@ class SessionDirectory:
         self.archive: Archive | None = None
         # (edge, session, kind) transitions already announced to other replicas.
         self._acked: set[tuple[str, str, str]] = set()
+        # Make-before-break moves under way: session -> (old edge, monotonic deadline). The
+        # old edge keeps the session until released, so its reports are not stale meanwhile.
+        self._handovers: dict[str, tuple[str, float]] = {}
+        # (edge, session) -> monotonic time a reconciling release was last sent.
+        self._reconciled: dict[tuple[str, str], float] = {}
         registry.on_edge_dead = self._on_edge_dead
         registry.on_edge_connected = self._on_edge_connected
 
@@ -180,6 +189,13 @@ class SessionDirectory:
                 w.set()
         elif kind == "edge":
             await self._registry.refresh()
+        elif kind == "handover":
+            self._handovers[event["session_id"]] = (
+                event["edge"],
+                time.monotonic() + float(event["for_s"]),
+            )
+        elif kind == "handover_done":
+            self._handovers.pop(event["session_id"], None)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -307,7 +323,11 @@ class SessionDirectory:
                 return s, False
             old = s.edge_id
             s = replace(s.moved_to(placement.edge.edge_id), zone=new_zone)
+            # Before the move is visible anywhere: the old edge's reports of the session are
+            # not stale until it is released there.
+            await self._begin_handover(session_id, old)
             if not await self._store.move_session(s, old):
+                await self._end_handover(session_id)
                 raise FailedPrecondition(f"session {session_id} moved meanwhile; try again")
             self._cache(s)
         t0 = time.perf_counter()
@@ -329,6 +349,7 @@ class SessionDirectory:
             task.add_done_callback(self._background.discard)
         else:
             await self._command(old, release)
+            await self._end_handover(session_id)
         self._metrics.migrations.labels(reason).inc()
         log.info(
             "session relocated",
@@ -352,6 +373,19 @@ class SessionDirectory:
         finally:
             self._waiters.pop((new, release.session_id, "publisher"), None)
         await self._command(old, release)
+        await self._end_handover(release.session_id)
+
+    async def _begin_handover(self, session_id: str, old_edge: str) -> None:
+        for_s = READY_TIMEOUT_S + HANDOVER_TIMEOUT_S + 5.0
+        self._handovers[session_id] = (old_edge, time.monotonic() + for_s)
+        if self._bus.shared:
+            await self._bus.publish(
+                {"kind": "handover", "session_id": session_id, "edge": old_edge, "for_s": for_s}
+            )
+
+    async def _end_handover(self, session_id: str) -> None:
+        if self._handovers.pop(session_id, None) is not None and self._bus.shared:
+            await self._bus.publish({"kind": "handover_done", "session_id": session_id})
 
     async def drain(self, edge_id: str) -> int:
         """Move every session off a draining edge; return how many moved."""
@@ -444,6 +478,52 @@ class SessionDirectory:
             report.news2_band,
         ):
             self._publish(EventKind.UPDATED, s, report)
+
+    async def reconcile(self, edge_id: str, session_ids: list[str]) -> None:
+        """An edge reported the sessions it holds: release every one the directory places on
+        another edge (with that edge, so the device moves there at once) or has closed.
+        This is what ends a split brain after an edge the core declared dead comes back."""
+        now = time.monotonic()
+        for sid in session_ids:
+            s = self.sessions.get(sid)
+            if s is not None and s.edge_id == edge_id:
+                continue
+            handover = self._handovers.get(sid)
+            if handover is not None:
+                if now >= handover[1]:
+                    del self._handovers[sid]  # its mover is gone (a replica that stopped)
+                elif handover[0] == edge_id:
+                    continue  # the old edge of a make-before-break move keeps it until released
+            key = (edge_id, sid)
+            if now - self._reconciled.get(key, -math.inf) < RELEASE_RESEND_S:
+                continue
+            # The cache may lag another replica's move: the store decides.
+            stored = await self._store.get_session(sid) if len(sid) <= MAX_ID_LEN else None
+            if stored is not None and stored.state is SessionState.OPEN:
+                if stored.edge_id == edge_id:
+                    continue
+                address = ""
+                e = self._registry.edges.get(stored.edge_id)
+                if e is not None:
+                    address = e.address
+                release = ReleaseSession(sid, "moved", stored.edge_id, address)
+            else:
+                release = ReleaseSession(sid, "closed")
+            if len(self._reconciled) > 10_000:
+                self._reconciled = {
+                    k: t for k, t in self._reconciled.items() if now - t < RELEASE_RESEND_S
+                }
+            self._reconciled[key] = now
+            self._metrics.reconciled_releases.inc()
+            log.warning(
+                "edge holds a session placed elsewhere; releasing it there",
+                extra={
+                    "edge": edge_id,
+                    "session": sid,
+                    "placed_on": release.new_edge_id or "closed",
+                },
+            )
+            await self._command(edge_id, release)
 
     # -- watch ------------------------------------------------------------------------------
 

@@ -176,6 +176,13 @@ class CoreMetrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self.reconciled_releases = Counter(
+            "core_reconciled_releases_total",
+            "Sessions released at an edge that still held them after the core had placed "
+            "them elsewhere or closed them (e.g. an edge declared dead came back)",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
         self.archived = Counter(
             "core_archived_batches_total",
             "Vitals batches made durable in the archive",

@@ -5,24 +5,30 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import statistics
 import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import grpc
 import pytest
 
 from clients.device import DeviceAgent, DeviceConfig
-from clients.mesh import LocalMesh
+from clients.mesh import LocalMesh, Proc
 from core_services.auth.users import UserStore
 from core_services.store import SqlStore
-from telehealth.rpc import channel_options
+from telehealth.rpc import bearer, channel_options
 from telehealth.v1 import (
     archive_pb2,
     archive_pb2_grpc,
+    auth_pb2,
+    auth_pb2_grpc,
+    sessions_pb2,
+    sessions_pb2_grpc,
 )
 from tests.conftest import eventually
 
@@ -118,6 +124,66 @@ async def test_kill_9_edge_under_20_patients(mesh: LocalMesh) -> None:
     print(f"failover gap p50={statistics.median(gaps):.3f}s max={max(gaps):.3f}s n={len(gaps)}")
 
 
+async def test_edge_frozen_past_the_timeout_comes_back_without_split_brain(
+    mesh: LocalMesh,
+) -> None:
+    """SIGSTOP an edge longer than the heartbeat timeout: the core re-places its sessions.
+    On SIGCONT the edge must let go of them, so core, device and edges agree on one edge
+    per session, and nothing is lost or archived twice."""
+    devices = agents(mesh, 5)
+    stop = asyncio.Event()
+    tasks = await run_for(devices, stop)
+    edge_a, edge_b = mesh.edges[0], mesh.edges[1]
+    assert edge_a.popen is not None
+    md = await operator_metadata(mesh)
+    os.kill(edge_a.pid, signal.SIGSTOP)
+    try:
+
+        async def all_on_b() -> bool:
+            return set((await placed_now(mesh, md)).values()) == {"edge-b"}
+
+        # The default 3 s heartbeat timeout passes while the edge is frozen.
+        await eventually(all_on_b, timeout=20, what="core re-placed edge-a's sessions")
+    finally:
+        os.kill(edge_a.pid, signal.SIGCONT)
+    # The device never lost its stream (the edge was only frozen): it moves when edge-a,
+    # back, is told its sessions live on edge-b.
+    await eventually(
+        lambda: all(a.assignment and a.assignment.edge_id == "edge-b" for a in devices),
+        timeout=30,
+        what="every device moved to edge-b",
+    )
+    marks = [a.received_seq for a in devices]
+    await eventually(
+        lambda: all(a.received_seq > m + 10 for a, m in zip(devices, marks, strict=True)),
+        timeout=30,
+        what="streaming on edge-b",
+    )
+
+    async def edges_agree() -> bool:
+        return (
+            await edge_gauge(edge_a, "edge_active_sessions") == 0
+            and await edge_gauge(edge_a, "edge_publishers") == 0
+            and await edge_gauge(edge_b, "edge_publishers") == len(devices)
+        )
+
+    await eventually(edges_agree, timeout=10, what="edge-a holds nothing, edge-b publishes all")
+    assert set((await placed_now(mesh, md)).values()) == {"edge-b"}
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    await assert_all_archived_once(mesh, devices)
+    gaps = [g for a in devices for g in a.stats.gaps_s]
+    print(f"split-brain heal gap p50={statistics.median(gaps or [0]):.3f}s n={len(gaps)}")
+
+
+async def placed_now(mesh: LocalMesh, md: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    async with grpc.aio.insecure_channel(mesh.core_target()) as ch:
+        r = await sessions_pb2_grpc.SessionsServiceStub(ch).List(
+            sessions_pb2.ListSessionsRequest(), metadata=md, timeout=5
+        )
+    return {s.session_id: s.edge_id for s in r.sessions}
+
+
 async def test_core_stopped_for_10s_interrupts_nothing(mesh: LocalMesh) -> None:
     devices = agents(mesh, 10)
     stop = asyncio.Event()
@@ -167,15 +233,40 @@ async def test_zone_change_loses_nothing(mesh: LocalMesh) -> None:
     print(f"migration gaps: n={len(gaps)} max={max(gaps, default=0):.3f}s")
 
 
-async def operator_env(mesh: LocalMesh, tmp_path: Path) -> dict[str, str]:
-    """An operator logged in through `telehealth-ctl login`, as a person would be."""
+async def add_operator(mesh: LocalMesh, user_id: str, password: str) -> None:
     url = mesh.database_url or f"sqlite+aiosqlite:///{mesh.data_dir / 'core' / 'core.db'}"
     store = SqlStore(url)
     await store.start()
     try:
-        await UserStore(store.engine).add_user("ops-e2e", "operator", "drain-password-1")
+        if await UserStore(store.engine).role_of(user_id) is None:
+            await UserStore(store.engine).add_user(user_id, "operator", password)
     finally:
         await store.close()
+
+
+async def operator_metadata(mesh: LocalMesh) -> tuple[tuple[str, str], ...]:
+    """Bearer metadata of an operator login, for reading the core's view."""
+    await add_operator(mesh, "ops-view", "view-password-1")
+    async with grpc.aio.insecure_channel(mesh.core_target()) as ch:
+        r = await auth_pb2_grpc.AuthServiceStub(ch).Login(
+            auth_pb2.LoginRequest(user_id="ops-view", password="view-password-1"), timeout=5
+        )
+    return bearer(r.token)
+
+
+async def edge_gauge(p: Proc, name: str) -> float:
+    """One gauge from an edge's /metrics (each edge exports its own, labelled by edge)."""
+    async with aiohttp.ClientSession() as http, http.get(p.metrics_url) as r:
+        text = await r.text()
+    for line in text.splitlines():
+        if line.startswith(f"telehealth_{name}{{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{p.name} exports no telehealth_{name}")
+
+
+async def operator_env(mesh: LocalMesh, tmp_path: Path) -> dict[str, str]:
+    """An operator logged in through `telehealth-ctl login`, as a person would be."""
+    await add_operator(mesh, "ops-e2e", "drain-password-1")
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
     login = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "clients.ctl", "--core", mesh.core_target(), "login", "ops-e2e",

@@ -143,3 +143,66 @@ async def test_kubernetes_removing_an_endpoint_replaces_at_once(
     # The heartbeat timeout is long; the endpoint going away is enough.
     assert await core.edges.apply_discovery(both[1:]) == ["edge-a"]
     assert core.directory.sessions[opened.session.session_id].edge_id == "edge-b"
+
+
+async def test_edge_declared_dead_registers_again_and_lets_go_of_moved_sessions(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    """The split brain: the core gives up on a live edge (its link stalled past the timeout)
+    and re-places its sessions. The edge's stream is ended, it registers again, and every
+    session it still holds is released there naming the new edge."""
+    from core_services.sessions.domain import EdgeState
+
+    edge_a = await edge_factory("edge-a", "zone-a")
+    await edge_factory("edge-b", "zone-b")
+    opened = await open_session(core, channel_to, "zone-a")
+    sid = opened.session.session_id
+    await eventually(lambda: sid in edge_a.sessions.assignments, what="assigned on edge-a")
+    first_token = core.edges.edges["edge-a"].stream_token
+    assert await core.edges.mark_dead(["edge-a"], "test: link stalled") == ["edge-a"]
+    assert core.directory.sessions[sid].edge_id == "edge-b"
+    await eventually(
+        lambda: (
+            core.edges.edges["edge-a"].state is EdgeState.HEALTHY
+            and core.edges.edges["edge-a"].stream_token is not first_token
+        ),
+        what="edge-a registered again",
+    )
+    a = await eventually(
+        lambda: (x := edge_a.sessions.assignments.get(sid)) and x.released and x,
+        what="edge-a released the moved session",
+    )
+    assert (a.released, a.new_edge_id) == ("moved", "edge-b")
+    assert core.metrics.reconciled_releases._value.get() >= 1
+    # Nothing else is released: a session placed on edge-a now stays there.
+    on_a = await open_session(core, channel_to, "zone-a", patient="p-2")
+    assert on_a.session.edge_id == "edge-a"
+    await eventually(
+        lambda: on_a.session.session_id in edge_a.sessions.assignments, what="assigned again"
+    )
+    await eventually(
+        lambda: core.directory.live.get(on_a.session.session_id), what="reported by edge-a"
+    )
+    assert edge_a.sessions.assignments[on_a.session.session_id].released is None
+
+
+async def test_kubernetes_not_ready_then_ready_brings_the_edge_back(
+    core: CoreServer, edge_factory: EdgeFactory
+) -> None:
+    from core_services.edges.discovery import DiscoveredEdge
+    from core_services.sessions.domain import EdgeState
+
+    await edge_factory("edge-a", "zone-a")
+    entry = core.edges.edges["edge-a"]
+    not_ready = [DiscoveredEdge("edge-a", "zone-a", "10.0.0.1:50061", False)]
+    assert await core.edges.apply_discovery(not_ready) == ["edge-a"]
+    # It registers again at once, but stays out of placement while not ready.
+    first_token = entry.stream_token
+    await eventually(
+        lambda: entry.outbox is not None and entry.stream_token is not first_token,
+        what="edge-a registered again",
+    )
+    assert entry.state is EdgeState.DEAD
+    ready = [DiscoveredEdge("edge-a", "zone-a", "10.0.0.1:50061", True)]
+    assert await core.edges.apply_discovery(ready) == []
+    assert entry.state is EdgeState.HEALTHY
