@@ -8,6 +8,7 @@ own settings classes.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -25,7 +26,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from telehealth.config import CoreSettings, EdgeSettings, Settings, load_settings
+from telehealth.security.tokens import KeyRing
 from telehealth.telemetry.metrics import CoreMetrics, EdgeMetrics, MediaMetrics
+from tests.integration.kube_api import serve_kube_api
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "telehealth-mesh"
@@ -53,27 +56,24 @@ def helm() -> str:
     return found
 
 
-def run_helm(*args: str) -> subprocess.CompletedProcess[str]:
+def run_helm(*args: str, kubeconfig: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "HELM_CACHE_HOME": "/tmp/helm-cache",
         "HELM_CONFIG_HOME": "/tmp/helm-config",
     }
+    if kubeconfig is not None:
+        env["KUBECONFIG"] = str(kubeconfig)
     return subprocess.run(
         [helm(), *args], capture_output=True, text=True, timeout=60, env=env, check=False
     )
 
 
-def template_args(value_set: str, *extra: str) -> list[str]:
-    args = [
-        "template",
-        RELEASE,
-        str(CHART),
-        "--namespace",
-        NAMESPACE,
-        "--kube-version",
-        K8S_VERSION,
-    ]
+def template_args(value_set: str, *extra: str, server: bool = False) -> list[str]:
+    """helm template arguments; server: look up objects in the cluster of $KUBECONFIG
+    (which also tells the Kubernetes version) instead of rendering offline for 1.31."""
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    args += ["--dry-run=server"] if server else ["--kube-version", K8S_VERSION]
     if value_set != "default":
         args += ["--values", str(VALUES_DIR / f"{value_set}.yaml")]
     return [*args, *extra]
@@ -354,14 +354,99 @@ def test_tls_secret_is_mounted_without_settings() -> None:
         }
 
 
-def test_core_scales_out_only_over_postgresql() -> None:
+def core_deployment(objs: tuple[Obj, ...]) -> Obj:
+    (core,) = [d for d in of_kind(objs, "Deployment") if component(d) == "core"]
+    return core
+
+
+def core_settings_of(objs: tuple[Obj, ...]) -> CoreSettings:
+    configmaps = {c["metadata"]["name"]: c for c in of_kind(objs, "ConfigMap")}
+    container = core_deployment(objs)["spec"]["template"]["spec"]["containers"][0]
+    return load_settings(CoreSettings, environ=_env_of(container, configmaps))
+
+
+def test_core_replicas_share_state_and_signing_keys_over_postgresql(tmp_path: Path) -> None:
     objs = render("external-postgresql")
     (hpa,) = of_kind(objs, "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 8)
     assert of_kind(objs, "PodDisruptionBudget")
-    out = run_helm(*template_args("default", "--set", "core.replicas=3"))
+    s = core_settings_of(objs)
+    # Without cluster the replicas would keep separate registries and session caches.
+    assert s.cluster is True
+    core = core_deployment(objs)
+    assert core["spec"].get("strategy", {}).get("type", "RollingUpdate") == "RollingUpdate"
+    spec = core["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
+    assert s.keys_dir is not None
+    assert mounts["token-keys"] == {
+        "name": "token-keys",
+        "mountPath": str(s.keys_dir),
+        "readOnly": True,
+    }
+    secret_name = {v["name"]: v for v in spec["volumes"]}["token-keys"]["secret"]["secretName"]
+    (secret,) = [x for x in of_kind(objs, "Secret") if x["metadata"]["name"] == secret_name]
+    # The generated key is one the core's key ring loads, from a directory as read-only as
+    # the Secret mount (every replica loads the same keys; none needs to write one).
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for name, b64 in secret["data"].items():
+        (keys / name).write_bytes(base64.b64decode(b64))
+    keys.chmod(0o555)
+    try:
+        ring = KeyRing.load_or_create(keys)
+    finally:
+        keys.chmod(0o755)
+    (only,) = secret["data"]
+    assert ring.current_kid == only.removesuffix(".pem")
+    assert len(ring.public_keys()) == 1
+
+
+def test_single_sqlite_core_keeps_its_keys_on_its_volume_and_restarts_alone() -> None:
+    objs = render("default")
+    s = core_settings_of(objs)
+    assert s.cluster is False and s.keys_dir is None
+    assert not [x for x in of_kind(objs, "Secret") if "token-keys" in x["metadata"]["name"]]
+    # One SQLite writer: a rollout stops the old pod before the new one starts.
+    assert core_deployment(objs)["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_user_provided_signing_keys_are_mounted_instead_of_generated() -> None:
+    objs = render("external-postgresql", "--set", "core.tokenKeys.existingSecret=mesh-keys")
+    assert not [x for x in of_kind(objs, "Secret") if "token-keys" in x["metadata"]["name"]]
+    spec = core_deployment(objs)["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in spec["volumes"]}["token-keys"]["secret"]["secretName"] == (
+        "mesh-keys"
+    )
+    assert core_settings_of(objs).keys_dir is not None
+
+
+@pytest.mark.parametrize("setting", ["core.replicas=3", "core.autoscaling.enabled=true"])
+def test_core_scales_out_only_over_postgresql(setting: str) -> None:
+    out = run_helm(*template_args("default", "--set", setting))
     assert out.returncode != 0 and "externalPostgresql" in out.stderr
+
+
+def test_generated_secrets_are_kept_across_upgrades(tmp_path: Path) -> None:
+    """`lookup` against a (loopback) API server: an existing Secret's data is rendered back."""
+    with serve_kube_api(tmp_path) as (api, kubeconfig):
+        keys_name = f"{RELEASE}-telehealth-mesh-core-token-keys"
+        api.put(
+            "/api/v1",
+            "secrets",
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": keys_name, "namespace": NAMESPACE},
+                "data": {"20240101T000000-helm.pem": base64.b64encode(b"kept").decode()},
+            },
+        )
+        out = run_helm(*template_args("external-postgresql", server=True), kubeconfig=kubeconfig)
+        assert out.returncode == 0, out.stderr
+        objs = [d for d in yaml.safe_load_all(out.stdout) if d]
+        assert ("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets/{keys_name}") in api.requests
+    (secret,) = [x for x in objs if x["kind"] == "Secret" and x["metadata"]["name"] == keys_name]
+    assert secret["data"] == {"20240101T000000-helm.pem": base64.b64encode(b"kept").decode()}
 
 
 def test_custom_resources_are_well_formed() -> None:

@@ -82,6 +82,23 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/*
+Secret holding the token signing keys mounted as the core's keys_dir; empty when the single
+SQLite core keeps its own keys on its data volume.
+*/}}
+{{- define "telehealth.tokenKeysSecret" -}}
+{{- if .Values.core.tokenKeys.existingSecret }}
+{{- .Values.core.tokenKeys.existingSecret }}
+{{- else if .Values.externalPostgresql.enabled }}
+{{- printf "%s-token-keys" (include "telehealth.coreName" .) }}
+{{- end }}
+{{- end }}
+
+{{/* Where the core reads its token signing keys from the Secret above. */}}
+{{- define "telehealth.keysDir" -}}
+/etc/telehealth/token-keys
+{{- end }}
+
 {{/* The restricted Pod Security Standard, for pods. */}}
 {{- define "telehealth.podSecurityContext" -}}
 runAsNonRoot: true
