@@ -43,13 +43,16 @@ class SyntheticFace:
     noise_sigma: float = 2.0
     seed: int = 0
     label_frames: bool = False
+    # Scales the pulse's colour change (PULSE_GAIN_BGR); 0 is a face with no pulse at all.
+    pulse_gain: float = 1.0
 
     def frame(self, i: int) -> Frame:
         t = i / self.fps
         base, skin_mask, noise = self._layers()
         pulse = math.sin(2 * math.pi * (self.pulse_bpm / 60.0) * t)
         # Only skin pulses: the wall, hair, eyes and lips keep their colour.
-        img = base * (1.0 + skin_mask * (PULSE_GAIN_BGR * pulse).astype(np.float32))
+        gain = PULSE_GAIN_BGR * self.pulse_gain * pulse
+        img = base * (1.0 + skin_mask * gain.astype(np.float32))
         dx = self.sway_px * math.sin(2 * math.pi * 0.2 * t)
         dy = self.sway_px * 0.5 * math.cos(2 * math.pi * 0.15 * t)
         if dx or dy:
