@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from telehealth.config import CoreSettings, EdgeSettings, Settings, load_settings
+from telehealth.security.audit import AuditKey
 from telehealth.security.tokens import KeyRing
 from telehealth.telemetry.metrics import CoreMetrics, EdgeMetrics, MediaMetrics
 from tests.integration.kube_api import serve_kube_api
@@ -397,9 +398,12 @@ def test_core_replicas_share_state_and_signing_keys_over_postgresql(tmp_path: Pa
         ring = KeyRing.load_or_create(keys)
     finally:
         keys.chmod(0o755)
-    (only,) = secret["data"]
-    assert ring.current_kid == only.removesuffix(".pem")
+    (kid,) = [k.removesuffix(".pem") for k in secret["data"] if k.endswith(".pem")]
+    assert ring.current_kid == kid
     assert len(ring.public_keys()) == 1
+    # The audit key sits beside them, where audit_key_file defaults to (keys_dir/audit.key).
+    assert s.resolved_audit_key_file() == s.keys_dir / "audit.key"
+    assert AuditKey.load(keys / "audit.key").key_id
 
 
 def test_single_sqlite_core_keeps_its_keys_on_its_volume_and_restarts_alone() -> None:
@@ -431,6 +435,8 @@ def test_generated_secrets_are_kept_across_upgrades(tmp_path: Path) -> None:
     """`lookup` against a (loopback) API server: an existing Secret's data is rendered back."""
     with serve_kube_api(tmp_path) as (api, kubeconfig):
         keys_name = f"{RELEASE}-telehealth-mesh-core-token-keys"
+        # A release from before the audit key: its signing key stays, the audit key is added.
+        kept = {"20240101T000000-helm.pem": base64.b64encode(b"kept").decode()}
         api.put(
             "/api/v1",
             "secrets",
@@ -438,7 +444,7 @@ def test_generated_secrets_are_kept_across_upgrades(tmp_path: Path) -> None:
                 "apiVersion": "v1",
                 "kind": "Secret",
                 "metadata": {"name": keys_name, "namespace": NAMESPACE},
-                "data": {"20240101T000000-helm.pem": base64.b64encode(b"kept").decode()},
+                "data": dict(kept),
             },
         )
         out = run_helm(*template_args("external-postgresql", server=True), kubeconfig=kubeconfig)
@@ -446,7 +452,8 @@ def test_generated_secrets_are_kept_across_upgrades(tmp_path: Path) -> None:
         objs = [d for d in yaml.safe_load_all(out.stdout) if d]
         assert ("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets/{keys_name}") in api.requests
     (secret,) = [x for x in objs if x["kind"] == "Secret" and x["metadata"]["name"] == keys_name]
-    assert secret["data"] == {"20240101T000000-helm.pem": base64.b64encode(b"kept").decode()}
+    assert set(secret["data"]) == {*kept, "audit.key"}
+    assert {k: secret["data"][k] for k in kept} == kept
 
 
 def test_custom_resources_are_well_formed() -> None:
