@@ -39,6 +39,9 @@ class Peer:
     role: str
     session_id: str
     pc: RTCPeerConnection
+    # Who negotiated this peer (the token's "act": the clinician; "" for a patient's device).
+    # Only the same role and subject may hang it up.
+    subject_id: str = ""
     started_unix_ns: int = field(default_factory=time.time_ns)
     # What this peer sends to the edge, counted: the sources of other peers' ForwardedTracks.
     incoming: dict[str, CountingTrack] = field(default_factory=dict)

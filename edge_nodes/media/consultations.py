@@ -39,6 +39,7 @@ from telehealth.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     Unavailable,
 )
@@ -157,7 +158,7 @@ class Consultations:
                 call.tasks.append(asyncio.create_task(self._follow(call)))
                 call.tasks.append(asyncio.create_task(self.vision.run(call)))
                 self.metrics.active_calls.set(len(self.calls))
-            peer = await self._reserve(call, role)
+            peer = await self._reserve(call, role, claims.subject_id)
             try:
                 answer = await asyncio.wait_for(
                     self._answer(call, peer, offer_sdp), NEGOTIATE_TIMEOUT_S
@@ -178,7 +179,7 @@ class Consultations:
                 **self.metrics._labels, role=role if role in ROLES else "invalid", result=result
             ).inc()
 
-    async def _reserve(self, call: Consultation, role: str) -> Peer:
+    async def _reserve(self, call: Consultation, role: str, subject_id: str) -> Peer:
         """Register the peer before the first await, so two offers cannot both become patient."""
         if role == PATIENT and call.patient is not None:
             old = call.patient
@@ -194,7 +195,7 @@ class Consultations:
                 f"session {call.session_id} already has {MAX_CLINICIANS} clinicians connected"
             )
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        peer = Peer(new_call_id(), role, call.session_id, pc)
+        peer = Peer(new_call_id(), role, call.session_id, pc, subject_id)
         self.peers[peer.call_id] = peer
         self.metrics.peer_connections.set(len(self.peers))
         if role == PATIENT:
@@ -262,12 +263,22 @@ class Consultations:
         return list(self.ice)
 
     async def hangup(self, token: str | None, session_id: str, call_id: str) -> bool:
-        self.authorize(token, session_id, ROLES)
+        """End one's own call. A token of the session is not enough: a patient must not end
+        a clinician's call, nor one clinician another's, so the role and subject of the token
+        must be those the call was negotiated with (a refreshed token of the same person
+        works)."""
+        claims = self.authorize(token, session_id, ROLES)
         peer = self.peers.get(call_id)
         if peer is None:
             return False
         if peer.session_id != session_id:
             raise NotFound(f"call {call_id} is not a call of session {session_id}")
+        if claims.role != peer.role or claims.subject_id != peer.subject_id:
+            raise PermissionDenied(
+                f"call {call_id} is not yours to hang up: it is "
+                f"{'a clinician' if peer.role == CLINICIAN else 'the patient'}'s call; "
+                "hang up with the token you joined with"
+            )
         await self._close_peer(peer, "hung up")
         return True
 

@@ -14,8 +14,8 @@ from clients.video import PUBLISHER, VIEWER, MediaCall, synthetic_track
 from core_services.server import CoreServer
 from edge_nodes.server import EdgeServer
 from telehealth.rpc import bearer
-from telehealth.v1 import media_pb2, media_pb2_grpc
-from tests.conftest import EdgeFactory, eventually
+from telehealth.v1 import media_pb2, media_pb2_grpc, sessions_pb2, sessions_pb2_grpc
+from tests.conftest import EdgeFactory, Metadata, eventually, staff
 from tests.integration.test_media_call import (
     Session,
     clinician_call,
@@ -240,3 +240,55 @@ async def test_candidate_ports_exhausted_is_resource_exhausted(
         await viewer.close()
         await ok.hangup()
     await eventually(lambda: edge.media.calls.peer_count == 0, what="peers closed")
+
+
+async def viewer_token_for(
+    core: CoreServer, channel_to: Callable[[str], grpc.aio.Channel], sid: str, staff_md: Metadata
+) -> str:
+    stub = sessions_pb2_grpc.SessionsServiceStub(channel_to(core.address))
+    resp = await stub.Attach(
+        sessions_pb2.AttachSessionRequest(session_id=sid, role=sessions_pb2.ROLE_VIEWER),
+        metadata=staff_md,
+    )
+    return resp.assignment.token
+
+
+async def test_only_the_caller_who_joined_may_hang_up_a_call(
+    core: CoreServer, media_edge: EdgeServer, channel_to: Callable[[str], grpc.aio.Channel]
+) -> None:
+    s = await open_session(core, channel_to)
+    dr_b = await staff(core, "clinician", ("p-1",))
+    b_token = await viewer_token_for(core, channel_to, s.session_id, dr_b)
+    patient = patient_call(media_edge, s)
+    a = clinician_call(media_edge, s)
+    b = MediaCall(media_edge.address, s.session_id, b_token, VIEWER, audio=AudioStreamTrack())
+    stub = media_pb2_grpc.MediaServiceStub(channel_to(media_edge.address))
+
+    def hangup(call: MediaCall, token: str) -> object:
+        req = media_pb2.HangupMediaRequest(session_id=s.session_id, call_id=call.call_id)
+        return stub.Hangup(req, metadata=bearer(token), timeout=10)
+
+    try:
+        for c in (patient, a, b):
+            await c.start()
+        assert media_edge.media.calls.peer_count == 3
+        # The patient cannot end a clinician's call; one clinician cannot end another's;
+        # a clinician cannot end the patient's.
+        for call, token in ((a, s.publisher_token), (a, b_token), (patient, s.viewer_token)):
+            await expect_status(hangup(call, token), grpc.StatusCode.PERMISSION_DENIED, "not yours")
+        base = media_edge.media.http_url
+        async with aiohttp.ClientSession() as http:
+            url = f"{base}/media/sessions/{s.session_id}/calls/{b.call_id}/hangup"
+            async with http.post(url, json={"token": s.publisher_token}) as r:
+                assert r.status == 403 and "not yours" in (await r.json())["message"]
+        assert media_edge.media.calls.peer_count == 3
+        # Each ends its own, with a fresh token of the same person too.
+        fresh_b = await viewer_token_for(core, channel_to, s.session_id, dr_b)
+        assert (await hangup(b, fresh_b)).ended  # type: ignore[attr-defined]
+        assert (await hangup(patient, s.publisher_token)).ended  # type: ignore[attr-defined]
+        assert (await hangup(a, s.viewer_token)).ended  # type: ignore[attr-defined]
+        await eventually(lambda: media_edge.media.calls.peer_count == 0, 10, "all hung up")
+    finally:
+        for c in (patient, a, b):
+            await c.close()
+    assert live_peer_connections() == 0
