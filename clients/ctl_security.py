@@ -13,10 +13,12 @@ from typing import Any, TextIO
 
 import grpc
 
+from core_services.audit.anchor import CheckpointFile
 from core_services.audit.store import SqlAuditLog
 from core_services.auth.users import UserStore
 from core_services.store import SqlStore
 from telehealth.config import CoreSettings
+from telehealth.security.audit import AuditKey
 from telehealth.security.pki import DEFAULT_CLIENTS, DEFAULT_HOSTS, init_pki
 from telehealth.v1 import auth_pb2, auth_pb2_grpc
 
@@ -114,19 +116,49 @@ async def cmd_users(ns: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _core_paths(ns: argparse.Namespace) -> CoreSettings:
+    """Where the core keeps its audit key and checkpoint file, from the same data_dir/keys_dir
+    defaults the core uses."""
+    return CoreSettings(
+        data_dir=Path(ns.data_dir),
+        keys_dir=Path(ns.keys_dir) if ns.keys_dir else None,
+        audit_key_file=Path(ns.audit_key_file) if ns.audit_key_file else None,
+    )
+
+
 async def cmd_audit(ns: argparse.Namespace, out: TextIO) -> int:
+    paths = _core_paths(ns)
+    key_path = paths.resolved_audit_key_file()
+    try:
+        key = AuditKey.load(key_path)
+    except (OSError, ValueError) as e:
+        out.write(
+            f"cannot verify: no audit key at {key_path} ({e}); give --keys-dir or "
+            "--audit-key-file of the core\n"
+        )
+        return 2
+    files = [CheckpointFile(Path(f)) for f in ns.checkpoints] or [
+        CheckpointFile(paths.resolved_audit_checkpoint_file())
+    ]
     store = SqlStore(_database_url(ns))
     await store.start()
     try:
-        checked, problems = await SqlAuditLog(store.engine).verify()
+        report = await SqlAuditLog(store.engine, key).report(files)
     finally:
         await store.close()
-    if not problems:
-        out.write(f"audit chain intact: {checked} entries\n")
+    for note in report.notes:
+        out.write(f"NOTE {note}\n")
+    if not report.problems:
+        out.write(
+            f"audit chain intact: {report.checked} entries, {report.checkpoints} signed "
+            f"checkpoint(s) match\n"
+        )
         return 0
-    for p in problems:
+    for p in report.problems:
         out.write(f"TAMPERED {p}\n")
-    out.write(f"audit chain broken: {len(problems)} problem(s) in {checked} entries\n")
+    out.write(
+        f"audit chain broken: {len(report.problems)} problem(s) in {report.checked} entries\n"
+    )
     return 1
 
 
@@ -172,7 +204,23 @@ def add_commands(sub: Any) -> None:
             assign.add_argument("patients", nargs="+", help="pseudonymous patient ids")
         else:
             a = p.add_subparsers(dest="audit_command", required=True)
-            a.add_parser("verify", help="exit 1 and name every edited or deleted entry")
+            v = a.add_parser(
+                "verify",
+                help="check the chain, every entry's MAC and the signed checkpoints; exit 1 "
+                "naming every edited or deleted entry (2: the audit key is not here)",
+            )
+            v.add_argument(
+                "--keys-dir", default="", help="the core's keys_dir (default DATA_DIR/keys)"
+            )
+            v.add_argument("--audit-key-file", default="", help="the core's audit_key_file, if set")
+            v.add_argument(
+                "--checkpoints",
+                action="append",
+                default=[],
+                metavar="FILE",
+                help="a checkpoint file (repeat for each core replica's; default "
+                "DATA_DIR/audit-checkpoints.jsonl)",
+            )
 
 
 LOCAL = {"pki": cmd_pki, "users": cmd_users, "audit": cmd_audit}

@@ -116,6 +116,16 @@ class CoreSettings(Settings):
     keys_dir: Path | None = Field(
         None, description="token signing keys; shared by all replicas (default data_dir/keys)"
     )
+    audit_key_file: Path | None = Field(
+        None,
+        description="Ed25519 key that MACs audit entries and signs checkpoints; never in the "
+        "database; shared by all replicas (default keys_dir/audit.key, created on first start)",
+    )
+    audit_checkpoint_file: Path | None = Field(
+        None,
+        description="append-only file of signed audit checkpoints, outside the database; one "
+        "per replica (default data_dir/audit-checkpoints.jsonl)",
+    )
     kubernetes_namespace: str = Field("", description="namespace of the edge Service")
     kubernetes_edge_service: str = Field("telehealth-edge", description="edge Service name")
 
@@ -134,6 +144,12 @@ class CoreSettings(Settings):
 
     def resolved_keys_dir(self) -> Path:
         return self.keys_dir or self.data_dir / "keys"
+
+    def resolved_audit_key_file(self) -> Path:
+        return self.audit_key_file or self.resolved_keys_dir() / "audit.key"
+
+    def resolved_audit_checkpoint_file(self) -> Path:
+        return self.audit_checkpoint_file or self.data_dir / "audit-checkpoints.jsonl"
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'core.db'}"

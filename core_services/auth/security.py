@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Any
 
+from core_services.audit.anchor import CheckpointFile
 from core_services.audit.servicer import AuditServicer
 from core_services.audit.store import SqlAuditLog
 from core_services.auth.access import AccessInterceptor, AccessPolicy
@@ -16,8 +17,9 @@ from core_services.auth.users import UserStore
 from core_services.edges.registry import EdgeRegistry
 from core_services.sessions.directory import SessionDirectory
 from core_services.store import SqlStore
-from telehealth.config import CoreSettings
+from telehealth.config import ConfigError, CoreSettings
 from telehealth.rpc import GrpcServer
+from telehealth.security.audit import AuditKey
 from telehealth.security.tokens import KeyRing, TokenIssuer, TokenVerifier
 from telehealth.v1 import audit_pb2_grpc, auth_pb2_grpc
 
@@ -44,6 +46,16 @@ class _Edges:
         return None if e is None else e.zone
 
 
+def audit_key(settings: CoreSettings) -> AuditKey:
+    path = settings.resolved_audit_key_file()
+    try:
+        return AuditKey.load_or_create(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"setting 'audit_key_file': cannot load or create the audit key {path}: {e}"
+        ) from e
+
+
 class CoreSecurity:
     def __init__(
         self,
@@ -58,7 +70,11 @@ class CoreSecurity:
         self.keys = keys
         self.registry = registry
         self.users = UserStore(store.engine)
-        self.audit = SqlAuditLog(store.engine)
+        self.audit = SqlAuditLog(
+            store.engine,
+            audit_key(settings),
+            CheckpointFile(settings.resolved_audit_checkpoint_file()),
+        )
         self.verifier = TokenVerifier(ring=keys)
         sessions = _Sessions(directory)
         self.policy = AccessPolicy(
