@@ -24,7 +24,7 @@ from core_services.sessions.domain import ZoneLatency
 from core_services.sessions.servicer import SessionsServicer
 from core_services.store import SqlStore
 from telehealth.config import CoreSettings
-from telehealth.rpc import GrpcServer, with_port
+from telehealth.rpc import EDGE_RECONNECT_MAX_S, GrpcServer, with_port
 from telehealth.security.tokens import KeyRing, TokenIssuer
 from telehealth.telemetry.http import HttpServer, metrics_app
 from telehealth.telemetry.metrics import CoreMetrics
@@ -117,7 +117,6 @@ class CoreServer:
             self._tasks.append(asyncio.create_task(self._follow_shared_keys()))
         await self.grpc.start()
         await self.http.start()
-        self._tasks.append(asyncio.create_task(self.edges.run_liveness(self._stop)))
         self._tasks.append(
             asyncio.create_task(
                 self.security.run_rotation(
@@ -129,6 +128,10 @@ class CoreServer:
             self._tasks.append(asyncio.create_task(self._discover()))
         await self.grpc.set_serving(True)
         self._serving = True
+        # Liveness clocks start now, not at load(): edges that were connected before a restart
+        # get the heartbeat timeout plus their longest reconnect backoff to come back.
+        self.edges.start_liveness(EDGE_RECONNECT_MAX_S)
+        self._tasks.append(asyncio.create_task(self.edges.run_liveness(self._stop)))
         log.info(
             "core serving",
             extra={

@@ -12,7 +12,7 @@ import grpc
 
 from edge_nodes.vitals.sessions import EdgeSessions
 from telehealth.config import EdgeSettings
-from telehealth.rpc import channel_options, secure_channel, wait_backoff
+from telehealth.rpc import CORE_LINK_BACKOFF_CAP_S, channel_options, secure_channel, wait_backoff
 from telehealth.security.tokens import TokenVerifier
 from telehealth.telemetry.metrics import EdgeMetrics
 from telehealth.v1 import edges_pb2, edges_pb2_grpc
@@ -140,7 +140,9 @@ class CoreLink:
         while not stop.is_set():
             # A fresh channel per attempt: renewed client certificates are read on reconnect.
             async with secure_channel(
-                self._settings.core_address, self._settings.tls(), channel_options()
+                self._settings.core_address,
+                self._settings.tls(),
+                channel_options(max_reconnect_backoff_s=CORE_LINK_BACKOFF_CAP_S),
             ) as channel:
                 stub = edges_pb2_grpc.EdgesServiceStub(channel)
                 call = stub.Heartbeat(self._requests(stop))
@@ -171,4 +173,6 @@ class CoreLink:
                         self._metrics.core_connected.set(0)
                 if stop.is_set():
                     break
-                backoff = await wait_backoff(stop, backoff)
+                # Capped low: the core declares an edge dead after its heartbeat timeout, and
+                # after a core restart every edge must be back well within it.
+                backoff = await wait_backoff(stop, backoff, CORE_LINK_BACKOFF_CAP_S)

@@ -203,7 +203,19 @@ def secure_channel(
     )
 
 
-def channel_options(max_message_bytes: int = 4 * 1024 * 1024) -> list[tuple[str, Any]]:
+# An edge's heartbeat stream to the core retries at most this far apart (before jitter), so
+# after a core restart every edge is back well within the heartbeat timeout (default 3 s).
+CORE_LINK_BACKOFF_CAP_S = 0.5
+# wait_backoff's jitter stretches a wait to at most this factor of the backoff.
+BACKOFF_JITTER_MAX = 1.5
+# The longest an edge waits between attempts to reach the core; the core's liveness grace
+# after it starts serving is its heartbeat timeout plus this.
+EDGE_RECONNECT_MAX_S = CORE_LINK_BACKOFF_CAP_S * BACKOFF_JITTER_MAX
+
+
+def channel_options(
+    max_message_bytes: int = 4 * 1024 * 1024, max_reconnect_backoff_s: float = 2.0
+) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -212,7 +224,7 @@ def channel_options(max_message_bytes: int = 4 * 1024 * 1024) -> list[tuple[str,
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 2_000),
+        ("grpc.max_reconnect_backoff_ms", int(max_reconnect_backoff_s * 1000)),
     ]
 
 
@@ -299,7 +311,8 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
 
 async def wait_backoff(stop: asyncio.Event, backoff: float, cap: float = 2.0) -> float:
     """Sleep a jittered `backoff` (or until stop); return the next, doubled up to `cap`.
-    Jitter keeps many clients that lost the same peer from retrying in lock step."""
+    Jitter keeps many clients that lost the same peer from retrying in lock step; a wait is
+    at most BACKOFF_JITTER_MAX times the backoff."""
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), backoff * (0.5 + random.random()))
+        await asyncio.wait_for(stop.wait(), backoff * (BACKOFF_JITTER_MAX - 1.0 + random.random()))
     return min(backoff * 2, cap)

@@ -106,9 +106,14 @@ class EdgeRegistry:
         self.on_edge_connected: Callable[[str], Awaitable[None]] | None = None
         # Edges Kubernetes last called ready; None until discovery has reported (or without it).
         self.discovered_ready: set[str] | None = None
+        # No edge is judged before the core serves; then each has until these times plus
+        # the timeout to be heard (set by start_liveness).
+        self._grace_until_mono: float | None = None
+        self._grace_until_ns = 0
 
     async def load(self) -> None:
-        """Recover edges from the store after a core restart; liveness restarts from now."""
+        """Recover edges from the store after a core restart; their liveness clocks start
+        only when the core serves (start_liveness)."""
         now = self._clock()
         for row in await self._store.list_edges():
             state = row["state"]
@@ -260,14 +265,26 @@ class EdgeRegistry:
             return False
         return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
 
+    def start_liveness(self, grace_s: float) -> None:
+        """The core serves from now. An edge not heard from since (its stream was to the core
+        before a restart) has the heartbeat timeout plus `grace_s` - its longest reconnect
+        backoff - to come back before it is declared dead and its live sessions re-placed."""
+        self._grace_until_mono = self._clock() + grace_s
+        self._grace_until_ns = time.time_ns() + int(grace_s * 1e9)
+
     def _late(self, e: EdgeEntry, now: float, now_ns: int) -> bool:
+        assert self._grace_until_mono is not None
         if e.outbox is None and self.shared:
             # Another replica may hold this edge's stream: judge by the shared store.
-            return now_ns - e.last_heartbeat_unix_ns > self.heartbeat_timeout_s * 1e9
-        return now - e.last_heartbeat_mono > self.heartbeat_timeout_s
+            last_ns = max(e.last_heartbeat_unix_ns, self._grace_until_ns)
+            return now_ns - last_ns > self.heartbeat_timeout_s * 1e9
+        last = max(e.last_heartbeat_mono, self._grace_until_mono)
+        return now - last > self.heartbeat_timeout_s
 
     async def check_liveness(self) -> list[str]:
         """Mark edges dead whose heartbeats stopped; return the newly dead."""
+        if self._grace_until_mono is None:
+            return []  # not serving yet: nobody could have reached us
         if self.shared:
             await self._flush_beats()
             await self.refresh()

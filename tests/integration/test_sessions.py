@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -206,3 +207,34 @@ async def test_kubernetes_not_ready_then_ready_brings_the_edge_back(
     ready = [DiscoveredEdge("edge-a", "zone-a", "10.0.0.1:50061", True)]
     assert await core.edges.apply_discovery(ready) == []
     assert entry.state is EdgeState.HEALTHY
+
+
+async def test_restarted_core_gives_edges_the_timeout_plus_their_backoff(tmp_path: Path) -> None:
+    """Liveness clocks start when the core serves, not when it loads the store: an edge known
+    from before the restart has the heartbeat timeout plus its longest reconnect wait."""
+    from prometheus_client import CollectorRegistry
+
+    from core_services.edges.registry import EdgeRegistry
+    from core_services.store import SqlStore
+    from telehealth.rpc import EDGE_RECONNECT_MAX_S
+    from telehealth.telemetry.metrics import CoreMetrics
+
+    store = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'core.db'}")
+    await store.start()
+    now = [1000.0]
+    try:
+        before = EdgeRegistry(store, CoreMetrics(CollectorRegistry()), 3.0, clock=lambda: now[0])
+        await before.connect("edge-a", "zone-a", "127.0.0.1:1", 10)
+        restarted = EdgeRegistry(store, CoreMetrics(CollectorRegistry()), 3.0, clock=lambda: now[0])
+        await restarted.load()
+        now[0] += 60.0  # a slow start-up (migrations, a big store) judges nobody
+        assert await restarted.check_liveness() == []
+        restarted.start_liveness(EDGE_RECONNECT_MAX_S)
+        now[0] += 3.0 + EDGE_RECONNECT_MAX_S - 0.01
+        assert await restarted.check_liveness() == []
+        now[0] += 0.02
+        assert await restarted.check_liveness() == ["edge-a"]
+    finally:
+        await store.close()
+    # The edge side of the bargain: its waits between attempts stay well inside the timeout.
+    assert EDGE_RECONNECT_MAX_S <= 3.0 / 2
