@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from telehealth.config import CoreSettings, EdgeSettings, Settings, load_settings
 from telehealth.security.audit import AuditKey
+from telehealth.security.identity import PeerIdentity, parse_uri
 from telehealth.security.tokens import KeyRing
 from telehealth.telemetry.metrics import CoreMetrics, EdgeMetrics, MediaMetrics
 from tests.integration.kube_api import serve_kube_api
@@ -340,19 +341,119 @@ def test_services_accept_the_settings_the_chart_gives_them(value_set: str) -> No
                 assert s.advertise_address
 
 
-def test_tls_secret_is_mounted_without_settings() -> None:
-    objs = render("external-postgresql")
-    for _, spec in pod_specs(objs):
-        vols = {v["name"]: v for v in spec["volumes"]}
-        if spec["containers"][0]["name"] not in {"core", "edge"}:
+def _tls_secret_of(spec: Obj) -> str:
+    return str({v["name"]: v for v in spec["volumes"]}["tls"]["secret"]["secretName"])
+
+
+@pytest.mark.parametrize(
+    ("value_set", "secret_for"),
+    [
+        # Secrets of the operator's own, named by the prefix.
+        (
+            "external-postgresql",
+            lambda zone: "telehealth-mtls-core" if zone is None else f"telehealth-mtls-zone-{zone}",
+        ),
+        # cert-manager: one Certificate (and Secret) per component.
+        (
+            "monitoring",
+            lambda zone: (
+                f"{RELEASE}-telehealth-mesh-core-tls"
+                if zone is None
+                else f"{RELEASE}-telehealth-mesh-edge-{zone}-tls"
+            ),
+        ),
+    ],
+)
+def test_each_component_gets_its_own_certificate_and_tls_settings(
+    value_set: str, secret_for: Callable[[str | None], str]
+) -> None:
+    objs = render(value_set)
+    configmaps = {c["metadata"]["name"]: c for c in of_kind(objs, "ConfigMap")}
+    seen = 0
+    for owner, spec in pod_specs(objs):
+        c = spec["containers"][0]
+        if c["name"] not in {"core", "edge"}:
             continue
-        assert vols["tls"]["secret"]["secretName"] == "telehealth-mtls"
-        mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
+        zone = owner["metadata"]["labels"].get("telehealth.io/zone")
+        # The core checks role URIs: a shared certificate would make edges look like the core.
+        assert _tls_secret_of(spec) == secret_for(zone), owner["metadata"]["name"]
+        mounts = {m["name"]: m for m in c["volumeMounts"]}
         assert mounts["tls"] == {
             "name": "tls",
             "mountPath": "/etc/telehealth/tls",
             "readOnly": True,
         }
+        s = load_settings(
+            CoreSettings if c["name"] == "core" else EdgeSettings,
+            environ=_env_of(c, configmaps),
+        )
+        assert (s.tls_cert_file, s.tls_key_file, s.tls_ca_file) == (
+            "/etc/telehealth/tls/tls.crt",
+            "/etc/telehealth/tls/tls.key",
+            "/etc/telehealth/tls/ca.crt",
+        )
+        seen += 1
+    assert seen == 1 + len(values_of(value_set)["zones"])
+
+
+def test_cert_manager_certificates_carry_the_role_uris_the_core_checks() -> None:
+    objs = render("monitoring")
+    certs = {c["spec"]["secretName"]: c["spec"] for c in of_kind(objs, "Certificate")}
+    services = {s["metadata"]["name"] for s in of_kind(objs, "Service")}
+    core = certs[f"{RELEASE}-telehealth-mesh-core-tls"]
+    assert [parse_uri(u) for u in core["uris"]] == [PeerIdentity("core")]
+    assert f"{RELEASE}-telehealth-mesh-core.{NAMESPACE}.svc" in core["dnsNames"]
+    for zone in (z["name"] for z in values_of("monitoring")["zones"]):
+        edge = certs[f"{RELEASE}-telehealth-mesh-edge-{zone}-tls"]
+        # Any edge pod of the zone (pod names vary) proves it serves this zone.
+        assert [parse_uri(u) for u in edge["uris"]] == [PeerIdentity("zone", zone)]
+        svc = f"{RELEASE}-telehealth-mesh-edge-{zone}"
+        assert svc in services
+        assert f"{svc}.{NAMESPACE}.svc" in edge["dnsNames"]
+    for spec in certs.values():
+        assert {"server auth", "client auth"} <= set(spec["usages"]) or spec["uris"] == [
+            "spiffe://telehealth/operator"
+        ]
+        assert spec["issuerRef"] == {
+            "name": "telehealth-ca",
+            "kind": "ClusterIssuer",
+            "group": "cert-manager.io",
+        }
+    # The operator's client certificate for telehealth-ctl, client auth only.
+    operator = certs[f"{RELEASE}-telehealth-mesh-operator-tls"]
+    assert [parse_uri(u) for u in operator["uris"]] == [PeerIdentity("operator")]
+    assert "server auth" not in operator["usages"]
+
+
+def test_cert_manager_can_issue_from_a_ca_of_the_release() -> None:
+    objs = render(
+        "monitoring",
+        "--set",
+        "tls.certManager.selfSignedCA=true",
+        "--set",
+        "tls.certManager.clients={operator,device}",
+    )
+    issuers = {i["metadata"]["name"]: i["spec"] for i in of_kind(objs, "Issuer")}
+    ca_name = f"{RELEASE}-telehealth-mesh-ca"
+    assert issuers[f"{ca_name}-root"] == {"selfSigned": {}}
+    assert issuers[ca_name] == {"ca": {"secretName": ca_name}}
+    certs = {c["metadata"]["name"]: c["spec"] for c in of_kind(objs, "Certificate")}
+    assert certs[ca_name]["isCA"] is True
+    assert certs[ca_name]["issuerRef"]["name"] == f"{ca_name}-root"
+    leaves = [c for n, c in certs.items() if n != ca_name]
+    assert len(leaves) == 1 + 3 + 2  # core, three zones, operator and device
+    assert all(
+        c["issuerRef"] == {"name": ca_name, "kind": "Issuer", "group": "cert-manager.io"}
+        for c in leaves
+    )
+    assert [parse_uri(u) for u in certs[f"{RELEASE}-telehealth-mesh-device-tls"]["uris"]] == [
+        PeerIdentity("device")
+    ]
+
+
+def test_tls_needs_certificates_from_somewhere() -> None:
+    out = run_helm(*template_args("default", "--set", "tls.enabled=true"))
+    assert out.returncode != 0 and "existingSecretPrefix" in out.stderr
 
 
 def core_deployment(objs: tuple[Obj, ...]) -> Obj:
@@ -480,10 +581,9 @@ def test_custom_resources_are_well_formed() -> None:
         assert r["alert"].startswith("Telehealth") and r["expr"].strip()
         assert r["labels"]["severity"] in {"warning", "critical"}
         assert r["annotations"]["summary"]
-    (cert,) = of_kind(objs, "Certificate")
-    assert cert["apiVersion"] == "cert-manager.io/v1"
-    assert set(cert["spec"]["usages"]) >= {"server auth", "client auth"}
-    assert cert["spec"]["issuerRef"]["kind"] == "ClusterIssuer"
+    certs = of_kind(objs, "Certificate")
+    assert certs and all(c["apiVersion"] == "cert-manager.io/v1" for c in certs)
+    assert all(c["spec"]["secretName"] and c["spec"]["uris"] for c in certs)
 
 
 def test_monitoring_objects_need_the_operator_api() -> None:

@@ -71,15 +71,39 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* Secret with the mTLS material; empty when TLS is off. */}}
+{{/*
+Secret with one component's mTLS material (tls.crt, tls.key, ca.crt); empty when TLS is off.
+Args: dict "ctx" $ "component" "core"|"edge" ["zone" name]. Each component has its own
+certificate, because the core checks the role URI in it (INTERFACES §1).
+*/}}
 {{- define "telehealth.tlsSecretName" -}}
-{{- if .Values.tls.enabled }}
-{{- if .Values.tls.existingSecret }}
-{{- .Values.tls.existingSecret }}
+{{- $v := .ctx.Values.tls }}
+{{- if $v.enabled }}
+{{- if $v.certManager.enabled }}
+{{- if eq .component "core" }}
+{{- printf "%s-tls" (include "telehealth.coreName" .ctx) }}
 {{- else }}
-{{- printf "%s-tls" (include "telehealth.fullname" .) }}
+{{- printf "%s-tls" (include "telehealth.edgeZoneName" (dict "ctx" .ctx "zone" .zone)) }}
+{{- end }}
+{{- else if eq .component "core" }}
+{{- printf "%s-core" $v.existingSecretPrefix }}
+{{- else }}
+{{- printf "%s-zone-%s" $v.existingSecretPrefix .zone }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/* The names a Service answers to in cluster DNS: (dict "name" svc "namespace" ns). */}}
+{{- define "telehealth.serviceDnsNames" -}}
+- {{ .name }}
+- {{ .name }}.{{ .namespace }}
+- {{ .name }}.{{ .namespace }}.svc
+- {{ .name }}.{{ .namespace }}.svc.cluster.local
+{{- end }}
+
+{{/* The DNS name of a zone's edge Service, which edges advertise as tls_server_name. */}}
+{{- define "telehealth.zoneServiceHost" -}}
+{{- printf "%s.%s.svc" (include "telehealth.edgeZoneName" (dict "ctx" .ctx "zone" .zone)) .ctx.Release.Namespace }}
 {{- end }}
 
 {{/*
@@ -123,14 +147,16 @@ seccompProfile:
   type: RuntimeDefault
 {{- end }}
 
-{{/* Volumes every telehealth pod mounts: (dict "ctx" $ "data" <volume source dict>). */}}
+{{/*
+Volumes every telehealth pod mounts: (dict "ctx" $ "data" <volume source dict> "tls" <Secret name or "">).
+*/}}
 {{- define "telehealth.volumes" -}}
 - name: data
   {{- toYaml .data | nindent 2 }}
 - name: tmp
   emptyDir:
     sizeLimit: 64Mi
-{{- with (include "telehealth.tlsSecretName" .ctx) }}
+{{- with .tls }}
 - name: tls
   secret:
     secretName: {{ . }}
@@ -170,8 +196,11 @@ seccompProfile:
 {{- if and .Values.externalPostgresql.enabled (not .Values.externalPostgresql.existingSecret) }}
 {{- fail "externalPostgresql.existingSecret must name the Secret holding the database URL" }}
 {{- end }}
-{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) (not .Values.tls.certManager.enabled) }}
-{{- fail "tls.enabled needs tls.existingSecret or tls.certManager.enabled" }}
+{{- if and .Values.tls.enabled (not .Values.tls.existingSecretPrefix) (not .Values.tls.certManager.enabled) }}
+{{- fail "tls.enabled needs tls.existingSecretPrefix (Secrets <prefix>-core and <prefix>-zone-<zone>) or tls.certManager.enabled" }}
+{{- end }}
+{{- if and .Values.tls.existingSecretPrefix .Values.tls.certManager.enabled }}
+{{- fail "tls: set either tls.existingSecretPrefix or tls.certManager.enabled, not both" }}
 {{- end }}
 {{- if and .Values.core.persistence.existingClaim (or .Values.externalPostgresql.enabled (gt (int .Values.core.replicas) 1)) }}
 {{- fail "core.persistence.existingClaim is for a single core replica on SQLite" }}
