@@ -61,7 +61,7 @@ async def core(tmp_path: Path) -> AsyncIterator[CoreServer]:
 
 
 @pytest.fixture
-async def edge_factory(core: CoreServer) -> AsyncIterator[EdgeFactory]:
+async def edge_factory(core: CoreServer, tmp_path: Path) -> AsyncIterator[EdgeFactory]:
     started: list[EdgeServer] = []
 
     async def make(edge_id: str = "edge-a", zone: str = "zone-a", **kw: Any) -> EdgeServer:
@@ -73,6 +73,8 @@ async def edge_factory(core: CoreServer) -> AsyncIterator[EdgeFactory]:
             "core_address": core.address,
             "heartbeat_interval_s": 0.1,
             "log_format": "text",
+            # Each edge its own journal: the default (./var) would be shared by every test run.
+            "data_dir": tmp_path / edge_id,
         }
         values.update(kw)
         edge = EdgeServer(EdgeSettings.model_validate(values))
