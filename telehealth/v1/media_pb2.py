@@ -26,17 +26,17 @@ from telehealth.v1 import sessions_pb2 as telehealth_dot_v1_dot_sessions__pb2
 from telehealth.v1 import vitals_pb2 as telehealth_dot_v1_dot_vitals__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19telehealth/v1/media.proto\x12\rtelehealth.v1\x1a\x1ctelehealth/v1/sessions.proto\x1a\x1atelehealth/v1/vitals.proto\"a\n\x15NegotiateMediaRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x04role\x18\x02 \x01(\x0e\x32\x13.telehealth.v1.Role\x12\x11\n\toffer_sdp\x18\x03 \x01(\t\"d\n\x16NegotiateMediaResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x12\n\nanswer_sdp\x18\x02 \x01(\t\x12%\n\x04mode\x18\x03 \x01(\x0e\x32\x17.telehealth.v1.CallMode\"*\n\x14GetIceServersRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"?\n\tIceServer\x12\x0c\n\x04urls\x18\x01 \x03(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x12\n\ncredential\x18\x03 \x01(\t\"_\n\x15GetIceServersResponse\x12-\n\x0bice_servers\x18\x01 \x03(\x0b\x32\x18.telehealth.v1.IceServer\x12\x17\n\x0f\x65xpires_unix_ns\x18\x02 \x01(\x03\"9\n\x12HangupMediaRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\"$\n\x13HangupMediaResponse\x12\r\n\x05\x65nded\x18\x01 \x01(\x08\"&\n\x10WatchCallRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xed\x01\n\tCallState\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x04mode\x18\x02 \x01(\x0e\x32\x17.telehealth.v1.CallMode\x12\x19\n\x11patient_connected\x18\x03 \x01(\x08\x12\x1c\n\x14\x63linicians_connected\x18\x04 \x01(\r\x12\x13\n\x0bpatient_fps\x18\x05 \x01(\x02\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12.\n\rpriority_band\x18\x07 \x01(\x0e\x32\x17.telehealth.v1.RiskBand\x12\x17\n\x0fupdated_unix_ns\x18\x08 \x01(\x03\"\xbe\x01\n\nVisionHint\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.telehealth.v1.VisionHintKind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nbrightness\x18\x03 \x01(\x02\x12\x11\n\tsharpness\x18\x04 \x01(\x02\x12\x14\n\x0c\x66\x61\x63\x65_in_view\x18\x05 \x01(\x08\x12\x1b\n\x13rppg_heart_rate_bpm\x18\x06 \x01(\x02\x12\x18\n\x10\x63omputed_unix_ns\x18\x07 \x01(\x03\"r\n\x11WatchCallResponse\x12)\n\x05state\x18\x01 \x01(\x0b\x32\x18.telehealth.v1.CallStateH\x00\x12)\n\x04hint\x18\x02 \x01(\x0b\x32\x19.telehealth.v1.VisionHintH\x00\x42\x07\n\x05\x65vent*j\n\x08\x43\x61llMode\x12\x19\n\x15\x43\x41LL_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43\x41LL_MODE_FULL\x10\x01\x12\x15\n\x11\x43\x41LL_MODE_REDUCED\x10\x02\x12\x18\n\x14\x43\x41LL_MODE_AUDIO_ONLY\x10\x03*\xd1\x01\n\x0eVisionHintKind\x12 \n\x1cVISION_HINT_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15VISION_HINT_KIND_GOOD\x10\x01\x12\x1d\n\x19VISION_HINT_KIND_TOO_DARK\x10\x02\x12\x1f\n\x1bVISION_HINT_KIND_TOO_BRIGHT\x10\x03\x12\x1b\n\x17VISION_HINT_KIND_BLURRY\x10\x04\x12%\n!VISION_HINT_KIND_FACE_NOT_IN_VIEW\x10\x05\x32\xe7\x02\n\x0cMediaService\x12X\n\tNegotiate\x12$.telehealth.v1.NegotiateMediaRequest\x1a%.telehealth.v1.NegotiateMediaResponse\x12Z\n\rGetIceServers\x12#.telehealth.v1.GetIceServersRequest\x1a$.telehealth.v1.GetIceServersResponse\x12O\n\x06Hangup\x12!.telehealth.v1.HangupMediaRequest\x1a\".telehealth.v1.HangupMediaResponse\x12P\n\tWatchCall\x12\x1f.telehealth.v1.WatchCallRequest\x1a .telehealth.v1.WatchCallResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19telehealth/v1/media.proto\x12\rtelehealth.v1\x1a\x1ctelehealth/v1/sessions.proto\x1a\x1atelehealth/v1/vitals.proto\"a\n\x15NegotiateMediaRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x04role\x18\x02 \x01(\x0e\x32\x13.telehealth.v1.Role\x12\x11\n\toffer_sdp\x18\x03 \x01(\t\"d\n\x16NegotiateMediaResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x12\n\nanswer_sdp\x18\x02 \x01(\t\x12%\n\x04mode\x18\x03 \x01(\x0e\x32\x17.telehealth.v1.CallMode\"*\n\x14GetIceServersRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"?\n\tIceServer\x12\x0c\n\x04urls\x18\x01 \x03(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x12\n\ncredential\x18\x03 \x01(\t\"_\n\x15GetIceServersResponse\x12-\n\x0bice_servers\x18\x01 \x03(\x0b\x32\x18.telehealth.v1.IceServer\x12\x17\n\x0f\x65xpires_unix_ns\x18\x02 \x01(\x03\"9\n\x12HangupMediaRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\"$\n\x13HangupMediaResponse\x12\r\n\x05\x65nded\x18\x01 \x01(\x08\"&\n\x10WatchCallRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x99\x02\n\tCallState\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x04mode\x18\x02 \x01(\x0e\x32\x17.telehealth.v1.CallMode\x12\x19\n\x11patient_connected\x18\x03 \x01(\x08\x12\x1c\n\x14\x63linicians_connected\x18\x04 \x01(\r\x12\x13\n\x0bpatient_fps\x18\x05 \x01(\x02\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12.\n\rpriority_band\x18\x07 \x01(\x0e\x32\x17.telehealth.v1.RiskBand\x12\x17\n\x0fupdated_unix_ns\x18\x08 \x01(\x03\x12*\n\tsend_mode\x18\t \x01(\x0e\x32\x17.telehealth.v1.CallMode\"\xbe\x01\n\nVisionHint\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.telehealth.v1.VisionHintKind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nbrightness\x18\x03 \x01(\x02\x12\x11\n\tsharpness\x18\x04 \x01(\x02\x12\x14\n\x0c\x66\x61\x63\x65_in_view\x18\x05 \x01(\x08\x12\x1b\n\x13rppg_heart_rate_bpm\x18\x06 \x01(\x02\x12\x18\n\x10\x63omputed_unix_ns\x18\x07 \x01(\x03\"r\n\x11WatchCallResponse\x12)\n\x05state\x18\x01 \x01(\x0b\x32\x18.telehealth.v1.CallStateH\x00\x12)\n\x04hint\x18\x02 \x01(\x0b\x32\x19.telehealth.v1.VisionHintH\x00\x42\x07\n\x05\x65vent*j\n\x08\x43\x61llMode\x12\x19\n\x15\x43\x41LL_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43\x41LL_MODE_FULL\x10\x01\x12\x15\n\x11\x43\x41LL_MODE_REDUCED\x10\x02\x12\x18\n\x14\x43\x41LL_MODE_AUDIO_ONLY\x10\x03*\xd1\x01\n\x0eVisionHintKind\x12 \n\x1cVISION_HINT_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15VISION_HINT_KIND_GOOD\x10\x01\x12\x1d\n\x19VISION_HINT_KIND_TOO_DARK\x10\x02\x12\x1f\n\x1bVISION_HINT_KIND_TOO_BRIGHT\x10\x03\x12\x1b\n\x17VISION_HINT_KIND_BLURRY\x10\x04\x12%\n!VISION_HINT_KIND_FACE_NOT_IN_VIEW\x10\x05\x32\xe7\x02\n\x0cMediaService\x12X\n\tNegotiate\x12$.telehealth.v1.NegotiateMediaRequest\x1a%.telehealth.v1.NegotiateMediaResponse\x12Z\n\rGetIceServers\x12#.telehealth.v1.GetIceServersRequest\x1a$.telehealth.v1.GetIceServersResponse\x12O\n\x06Hangup\x12!.telehealth.v1.HangupMediaRequest\x1a\".telehealth.v1.HangupMediaResponse\x12P\n\tWatchCall\x12\x1f.telehealth.v1.WatchCallRequest\x1a .telehealth.v1.WatchCallResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'telehealth.v1.media_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CALLMODE']._serialized_start=1195
-  _globals['_CALLMODE']._serialized_end=1301
-  _globals['_VISIONHINTKIND']._serialized_start=1304
-  _globals['_VISIONHINTKIND']._serialized_end=1513
+  _globals['_CALLMODE']._serialized_start=1239
+  _globals['_CALLMODE']._serialized_end=1345
+  _globals['_VISIONHINTKIND']._serialized_start=1348
+  _globals['_VISIONHINTKIND']._serialized_end=1557
   _globals['_NEGOTIATEMEDIAREQUEST']._serialized_start=102
   _globals['_NEGOTIATEMEDIAREQUEST']._serialized_end=199
   _globals['_NEGOTIATEMEDIARESPONSE']._serialized_start=201
@@ -54,11 +54,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHCALLREQUEST']._serialized_start=606
   _globals['_WATCHCALLREQUEST']._serialized_end=644
   _globals['_CALLSTATE']._serialized_start=647
-  _globals['_CALLSTATE']._serialized_end=884
-  _globals['_VISIONHINT']._serialized_start=887
-  _globals['_VISIONHINT']._serialized_end=1077
-  _globals['_WATCHCALLRESPONSE']._serialized_start=1079
-  _globals['_WATCHCALLRESPONSE']._serialized_end=1193
-  _globals['_MEDIASERVICE']._serialized_start=1516
-  _globals['_MEDIASERVICE']._serialized_end=1875
+  _globals['_CALLSTATE']._serialized_end=928
+  _globals['_VISIONHINT']._serialized_start=931
+  _globals['_VISIONHINT']._serialized_end=1121
+  _globals['_WATCHCALLRESPONSE']._serialized_start=1123
+  _globals['_WATCHCALLRESPONSE']._serialized_end=1237
+  _globals['_MEDIASERVICE']._serialized_start=1560
+  _globals['_MEDIASERVICE']._serialized_end=1919
 # @@protoc_insertion_point(module_scope)

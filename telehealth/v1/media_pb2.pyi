@@ -277,6 +277,7 @@ class CallState(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     PRIORITY_BAND_FIELD_NUMBER: _builtins.int
     UPDATED_UNIX_NS_FIELD_NUMBER: _builtins.int
+    SEND_MODE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     mode: Global___CallMode.ValueType
     patient_connected: _builtins.bool
@@ -288,6 +289,12 @@ class CallState(_message.Message):
     priority_band: _vitals_pb2.RiskBand.ValueType
     """NEWS2 band that set this call's priority."""
     updated_unix_ns: _builtins.int
+    send_mode: Global___CallMode.ValueType
+    """What the patient's device should send: lower than FULL when the patient's own link is
+    poor, or the edge is busy and asks a low-priority call to send less (the edge keeps
+    forwarding what arrives as it is, rather than decoding and re-encoding it smaller).
+    AUDIO_ONLY: stop sending video until this rises again.
+    """
     def __init__(
         self,
         *,
@@ -299,10 +306,11 @@ class CallState(_message.Message):
         reason: _builtins.str = ...,
         priority_band: _vitals_pb2.RiskBand.ValueType = ...,
         updated_unix_ns: _builtins.int = ...,
+        send_mode: Global___CallMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clinicians_connected", b"clinicians_connected", "mode", b"mode", "patient_connected", b"patient_connected", "patient_fps", b"patient_fps", "priority_band", b"priority_band", "reason", b"reason", "session_id", b"session_id", "updated_unix_ns", b"updated_unix_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clinicians_connected", b"clinicians_connected", "mode", b"mode", "patient_connected", b"patient_connected", "patient_fps", b"patient_fps", "priority_band", b"priority_band", "reason", b"reason", "send_mode", b"send_mode", "session_id", b"session_id", "updated_unix_ns", b"updated_unix_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
