@@ -1,29 +1,45 @@
-"""The device agent against a real core and edges: streams, gets everything acked, follows moves."""
+"""The device agent against a real core and edges: streams, gets everything archived, follows
+moves, and never gives up on a recoverable status (rate limiting, token expiry)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from collections.abc import Callable
 
 import grpc
+import pytest
 
-from clients.device import DeviceAgent, DeviceConfig
+from clients.device import Backlog, DeviceAgent, DeviceConfig
 from core_services.server import CoreServer
+from telehealth.v1 import archive_pb2, archive_pb2_grpc, vitals_pb2
 from tests.conftest import EdgeFactory, eventually
 
 
-async def test_agent_streams_and_everything_is_acked(
+async def archived(core: CoreServer, session_id: str) -> archive_pb2.GetWatermarkResponse:
+    async with grpc.aio.insecure_channel(core.address) as ch:
+        return await archive_pb2_grpc.ArchiveServiceStub(ch).GetWatermark(
+            archive_pb2.GetWatermarkRequest(session_id=session_id), timeout=5
+        )
+
+
+async def test_agent_streams_and_everything_is_archived(
     core: CoreServer, edge_factory: EdgeFactory
 ) -> None:
     edge = await edge_factory()
     agent = DeviceAgent(
-        DeviceConfig(core.address, "p-7", "zone-a", scenario="deteriorating", deterioration_s=2.0)
+        DeviceConfig(core.address, "p-7", "zone-a", scenario="deteriorating", deterioration_s=1.0)
     )
     stats = await asyncio.wait_for(agent.run(asyncio.Event(), duration_s=2.0), 30)
     assert stats.sent == 50 and stats.acked == 50 and stats.rejected == 0
+    assert stats.reconnects == 0 and agent.pending == 0
     ch = edge.sessions.channels[agent.session_id]
     assert ch.watermark.value == 50
-    assert ch.news2 is not None
+    # Fully deteriorated by the second reading (t = 1 s): NEWS2 high, every parameter known.
+    assert ch.news2 is not None and ch.news2.complete and ch.news2.total >= 7
+    wm = await archived(core, agent.session_id)
+    assert wm.watermark.archived_seq == 50 and wm.archived_batches == 50
 
 
 async def test_agent_follows_its_session_when_the_edge_dies(
@@ -43,5 +59,108 @@ async def test_agent_follows_its_session_when_the_edge_dies(
     await eventually(lambda: agent.received_seq > mark + 10, what="acks from edge-b")
     stop.set()
     stats = await asyncio.wait_for(run, 15)
-    assert stats.reconnects >= 1
+    assert stats.reconnects >= 1 and stats.handovers == 0
     assert edge_b.sessions.channels[agent.session_id].watermark.value > mark
+    wm = await archived(core, agent.session_id)
+    assert wm.watermark.archived_seq == agent.next_seq() - 1 == wm.archived_batches
+
+
+async def test_agent_survives_rate_limiting_and_archives_everything(
+    core: CoreServer, edge_factory: EdgeFactory
+) -> None:
+    # The edge allows 15 batches/s (burst 10) and the device sends 25/s: the limiter ends
+    # its stream with RESOURCE_EXHAUSTED again and again. The agent must back off and come
+    # back each time, and in the end the archive has every batch exactly once.
+    await edge_factory(publish_rate_batches_per_s=15.0, publish_burst_batches=10)
+    agent = DeviceAgent(DeviceConfig(core.address, "p-limited", "zone-a", flush_timeout_s=20))
+    stats = await asyncio.wait_for(agent.run(asyncio.Event(), duration_s=1.5), 60)
+    assert stats.rate_limited >= 1
+    assert agent.pending == 0, f"{agent.pending} batches never archived"
+    wm = await archived(core, agent.session_id)
+    assert wm.watermark.archived_seq == 38 == wm.archived_batches
+
+
+async def test_agent_paces_a_backlog_instead_of_bursting_it(
+    core: CoreServer, edge_factory: EdgeFactory
+) -> None:
+    # 300 batches are waiting when the stream opens; the edge tolerates a burst of 100 and
+    # 200/s, the device resends at 150/s: no refusal, nothing lost.
+    await edge_factory(publish_rate_batches_per_s=200.0, publish_burst_batches=100)
+    agent = DeviceAgent(DeviceConfig(core.address, "p-backlog", "zone-a", flush_timeout_s=20))
+
+    class Backlogged(DeviceAgent):
+        async def _produce(self, stop: asyncio.Event, duration_s: float) -> None:
+            await self.opened.wait()
+            t0 = 1_700_000_000_000_000_000
+            for k in range(300):
+                self.enqueue(self.make_batch(t0, k * 0.04, k % 25 == 0))
+
+    agent = Backlogged(agent.cfg)
+    stats = await asyncio.wait_for(agent.run(asyncio.Event()), 60)
+    assert stats.rate_limited == 0 and stats.reconnects == 0
+    assert agent.pending == 0
+    wm = await archived(core, agent.session_id)
+    assert wm.watermark.archived_seq == 300 == wm.archived_batches
+
+
+async def test_rejection_logs_name_fields_not_values(
+    core: CoreServer, edge_factory: EdgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    await edge_factory()
+
+    class OneBadReading(DeviceAgent):
+        def make_batch(
+            self, t0_ns: int, t_s: float, with_vitals: bool
+        ) -> vitals_pb2.VitalsBatch:
+            b = super().make_batch(t0_ns, t_s, with_vitals)
+            if b.seq == 26:  # carries the second reading
+                b.vitals[0].heart_rate_bpm = 917.0
+            return b
+
+    agent = OneBadReading(DeviceConfig(core.address, "p-bad", "zone-a"))
+    with caplog.at_level(logging.INFO, logger="device"):
+        stats = await asyncio.wait_for(agent.run(asyncio.Event(), duration_s=1.2), 30)
+    assert stats.rejected == 1
+    [rec] = [r for r in caplog.records if r.getMessage() == "edge rejected a batch"]
+    assert (rec.seq, rec.code, rec.fields) == (26, "INVALID_ARGUMENT", ["heart_rate_bpm"])  # type: ignore[attr-defined]
+    for r in caplog.records:
+        assert "917" not in r.getMessage() + json.dumps(r.__dict__, default=str)
+
+
+def test_backlog_is_bounded_by_bytes_and_drops_oldest_first() -> None:
+    b = Backlog(max_bytes=1000)
+    for seq in range(1, 11):
+        assert b.append(seq, bytes(100)) == 0
+    assert (len(b), b.bytes, b.first_seq, b.last_seq) == (10, 1000, 1, 10)
+    assert b.append(11, bytes(250)) == 3  # the three oldest make room
+    assert (b.first_seq, b.last_seq, b.bytes) == (4, 11, 950)
+    assert b.get(3) is None and b.get(4) == bytes(100) and b.get(11) == bytes(250)
+    b.release_through(8)
+    assert (b.first_seq, len(b), b.bytes) == (9, 3, 450)
+    b.release_through(20)
+    assert (len(b), b.bytes, b.first_seq) == (0, 0, 21)
+    with pytest.raises(ValueError, match="contiguous"):
+        b.append(21, b"x")
+        b.append(23, b"x")
+
+
+async def test_a_full_backlog_is_counted_and_logged(
+    core: CoreServer, edge_factory: EdgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # ~20 batches fit; the edge is gone for longer than that, so the oldest must go, loudly.
+    edge = await edge_factory()
+    stop = asyncio.Event()
+    agent = DeviceAgent(
+        DeviceConfig(core.address, "p-full", "zone-a", max_backlog_bytes=2000, flush_timeout_s=1)
+    )
+    with caplog.at_level(logging.INFO, logger="device"):
+        run = asyncio.create_task(agent.run(stop))
+        await eventually(lambda: agent.received_seq >= 5, what="first acks")
+        await edge.stop(grace=0)
+        await eventually(lambda: agent.stats.dropped_unacked > 0, what="backlog overflow")
+        stop.set()
+        stats = await asyncio.wait_for(run, 30)
+    assert stats.backlog_overflows == 1 and stats.peak_backlog_bytes <= 2000
+    assert any(
+        r.levelno == logging.ERROR and "backlog full" in r.getMessage() for r in caplog.records
+    )
