@@ -53,11 +53,8 @@ class Replicator:
             if w.archived_seq > self.archived.get(w.session_id, 0):
                 self.archived[w.session_id] = w.archived_seq
             ch = self._sessions.channels.get(w.session_id)
-            if ch is not None and w.archived_seq > ch.archived_seq:
-                ch.archived_seq = w.archived_seq
-                # What the archive holds counts as received here too: after a move, seqs
-                # the old edge archived are never resent, and must not hold the ack back.
-                ch.watermark.advance_to(w.archived_seq)
+            if ch is not None:
+                ch.archived(w.archived_seq)
 
     async def _requests(
         self, start: int, window: asyncio.Semaphore, stop: asyncio.Event

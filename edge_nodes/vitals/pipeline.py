@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,7 +49,10 @@ class SessionChannel:
         self.limits = limits
         self.patient_id = patient_id
         # A session placed here after another edge resumes after what the archive holds.
+        # `watermark`: seqs admitted (dedup); `received`: seqs journaled, which is all an
+        # ack may claim (a batch is admitted before its commit, acked only after).
         self.watermark = Watermark(start_seq)
+        self.received = Watermark(start_seq)
         self.archived_seq = start_seq
         self.latest = LatestVitals()
         self.news2: News2Score | None = None
@@ -60,13 +65,20 @@ class SessionChannel:
         self._derived_at_ns = 0
         self._hr_disagreeing = False
         self.released: str | None = None
+        # Set while the core moves the session away (make-before-break): publishers and
+        # viewers are told, and served on until the release.
+        self.moving: vitals_pb2.SessionMoving | None = None
         self.publishers = 0
+        # Wake-ups of the open publish streams, so a move or a release reaches an idle one.
+        self.publisher_wakers: set[Callable[[], None]] = set()
 
     # -- ingest -------------------------------------------------------------------------
 
     def ingest(self, batch: vitals_pb2.VitalsBatch, now_ns: int) -> IngestResult:
         """admit() then process(): for callers that need no journal in between."""
         result = self.admit(batch)
+        if result.accepted or result.tombstone:
+            self.journaled(batch.seq)
         if result.accepted:
             self.process(batch, now_ns, result.waveforms)
         return result
@@ -97,6 +109,18 @@ class SessionChannel:
             return IngestResult(accepted=False, rejection=e, tombstone=True)
         self.watermark.add(batch.seq)
         return IngestResult(accepted=True, waveforms=tuple(arrays))
+
+    def journaled(self, seq: int) -> None:
+        """The seq's batch (or tombstone) is committed to the journal: acks may claim it."""
+        self.received.add(seq)
+
+    def archived(self, seq: int) -> None:
+        """The archive holds everything up to seq, so it counts as received here too: after
+        a move, seqs the old edge archived are never resent and must not hold the ack back."""
+        if seq > self.archived_seq:
+            self.archived_seq = seq
+            self.watermark.advance_to(seq)
+            self.received.advance_to(seq)
 
     def process(
         self,
@@ -262,11 +286,34 @@ class SessionChannel:
             for kind in ("news2", "derived_heart_rate", "alert"):
                 if kind in self.last_event:
                     sub.offer(self.last_event[kind])
+        if self.moving is not None:
+            # A view opened while the session moves learns at once where to go.
+            sub.offer(self._moving_event())
         self.fanout.add(sub)
+
+    # -- leaving this edge ----------------------------------------------------------------
+
+    def _moving_event(self) -> Event:
+        assert self.moving is not None
+        return Event(
+            session_id=self.session_id, edge_received_unix_ns=time.time_ns(), moving=self.moving
+        )
+
+    def move(self, new_edge_id: str, reason: str) -> None:
+        """The core is moving the session to new_edge_id: tell every publisher and viewer;
+        keep taking batches and serving views until release()."""
+        self.moving = vitals_pb2.SessionMoving(new_edge_id=new_edge_id, reason=reason)
+        self.fanout.publish(self._moving_event())
+        self._wake_publishers()
 
     def release(self, reason: str) -> None:
         self.released = reason
         self.fanout.close_all(reason)
+        self._wake_publishers()
+
+    def _wake_publishers(self) -> None:
+        for wake in list(self.publisher_wakers):
+            wake()
 
     @property
     def subscribers(self) -> int:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 
 from edge_nodes.journal import Journal, JournalError
@@ -17,6 +19,52 @@ from telehealth.telemetry.metrics import EdgeMetrics
 from telehealth.v1 import vitals_pb2, vitals_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+
+class _PublishStream:
+    """What one publish stream owes its device: the reader fills it in, the response
+    generator sends it."""
+
+    def __init__(self) -> None:
+        self.woken = asyncio.Event()
+        # One bound method, so the channel can hold it in a set and drop it again.
+        self.wake = self.woken.set
+        self.channel: SessionChannel | None = None
+        self.last_seq = 0
+        self.ack_due = False
+        self.duplicates = 0
+        self.rejections: deque[vitals_pb2.BatchRejection] = deque()
+        self.moving_sent: vitals_pb2.SessionMoving | None = None
+
+    def responses(self) -> list[vitals_pb2.PublishVitalsResponse]:
+        ch = self.channel
+        if ch is None:
+            return []
+        out: list[vitals_pb2.PublishVitalsResponse] = []
+
+        def ack() -> vitals_pb2.PublishVitalsResponse:
+            # Acks are cumulative: the journaled watermark now covers every batch taken.
+            return vitals_pb2.PublishVitalsResponse(
+                session_id=ch.session_id,
+                received_seq=ch.received.value,
+                archived_seq=ch.archived_seq,
+            )
+
+        while self.rejections:
+            resp = ack()
+            resp.rejection.CopyFrom(self.rejections.popleft())
+            out.append(resp)
+        if self.duplicates or (self.ack_due and not out):
+            resp = ack()
+            resp.duplicates_dropped = self.duplicates
+            out.append(resp)
+        self.ack_due, self.duplicates = False, 0
+        if ch.moving is not None and ch.moving is not self.moving_sent:
+            resp = ack()
+            resp.moving.CopyFrom(ch.moving)
+            out.append(resp)
+            self.moving_sent = ch.moving
+        return out
 
 
 class VitalsServicer(vitals_pb2_grpc.VitalsServiceServicer):
@@ -46,92 +94,124 @@ class VitalsServicer(vitals_pb2_grpc.VitalsServiceServicer):
         request_iterator: AsyncIterator[vitals_pb2.PublishVitalsRequest],
         context: Context,
     ) -> AsyncIterator[vitals_pb2.PublishVitalsResponse]:
-        channel: SessionChannel | None = None
-        last_seq = 0
-        m = self._metrics
+        """Batches in, acks out. A reader task takes in batches while this generator sends
+        what the stream owes the device: one cumulative ack for whatever was journaled since
+        the last one (a burst is acked as one, not batch by batch), each rejection, and a
+        move or release, which must reach the device even when it sends nothing."""
+        st = _PublishStream()
+        reader = asyncio.create_task(self._read(request_iterator, context, st))
+        reader.add_done_callback(lambda _: st.wake())
         try:
-            async for req in request_iterator:
-                batch = req.batch
-                if channel is None:
-                    if not batch.session_id:
-                        raise InvalidArgument("batch.session_id must be set")
-                    claims = self._claims(context, batch.session_id, ("publisher",))
-                    channel = await self._sessions.channel_for(claims)
-                    channel.publishers += 1
-                    m.publishers.inc()
-                    self._sessions.report_now.set()
-                    log.info(
-                        "publisher connected",
-                        extra={"session": channel.session_id, "edge": self._sessions.edge_id},
-                    )
-                elif batch.session_id != channel.session_id:
-                    raise PermissionDenied(
-                        f"this stream publishes session {channel.session_id}, "
-                        f"not {batch.session_id}"
-                    )
-                if channel.released is not None:
-                    raise FailedPrecondition(channel.released)
-                if 0 < batch.seq < last_seq and not channel.watermark.seen(batch.seq):
-                    raise InvalidArgument(
-                        f"seq went backwards on this stream ({batch.seq} after {last_seq}); "
-                        f"resume from {channel.watermark.value + 1} on a new stream"
-                    )
-                result = channel.admit(batch)
-                if result.accepted or result.tombstone:
-                    # A seq refused without being consumed (far ahead) does not count: the
-                    # device resends from the watermark on this same stream.
-                    last_seq = max(last_seq, batch.seq)
-                    now = time.time_ns()
-                    journaled = (
-                        batch
-                        if result.accepted
-                        else vitals_pb2.VitalsBatch(session_id=channel.session_id, seq=batch.seq)
-                    )
-                    try:
-                        await self._journal.append(
-                            channel.session_id,
-                            channel.patient_id,
-                            batch.seq,
-                            now,
-                            journaled,
-                            rejected=result.tombstone,
-                        )
-                    except JournalError as e:
-                        # What the channel believes received is no longer true: forget it,
-                        # the device resends from the archived watermark.
-                        self._sessions.channels.pop(channel.session_id, None)
-                        raise Unavailable(f"edge journal failed ({e}); reconnect") from e
-                    if result.accepted:
-                        channel.process(batch, now, result.waveforms)
-                resp = vitals_pb2.PublishVitalsResponse(
-                    session_id=channel.session_id,
-                    received_seq=channel.watermark.value,
-                    archived_seq=channel.archived_seq,
-                )
-                if result.accepted:
-                    m.batches_accepted.inc()
-                elif result.duplicate:
-                    m.batches_duplicate.inc()
-                    resp.duplicates_dropped = 1
-                elif result.rejection is not None:
-                    m.batches_rejected.inc()
-                    err = result.rejection
-                    resp.rejection.seq = batch.seq
-                    resp.rejection.code = status_of(err).value[0]
-                    resp.rejection.message = err.message
-                    log.info(
-                        "batch rejected",
-                        extra={
-                            "session": channel.session_id,
-                            "seq": batch.seq,
-                            "reason": err.message,
-                        },
-                    )
-                yield resp
+            while True:
+                await st.woken.wait()
+                st.woken.clear()
+                for resp in st.responses():
+                    yield resp
+                if reader.done():
+                    # Acks for what was taken before the stream ended (or failed) go first.
+                    while out := st.responses():
+                        for resp in out:
+                            yield resp
+                    if not reader.cancelled() and (err := reader.exception()) is not None:
+                        raise err
+                    return
+                ch = st.channel
+                if ch is not None and ch.released is not None:
+                    raise FailedPrecondition(ch.released)
         finally:
-            if channel is not None:
-                channel.publishers -= 1
-                m.publishers.dec()
+            reader.cancel()
+            ch = st.channel
+            if ch is not None:
+                ch.publisher_wakers.discard(st.wake)
+                ch.publishers -= 1
+                self._metrics.publishers.dec()
+
+    async def _read(
+        self,
+        request_iterator: AsyncIterator[vitals_pb2.PublishVitalsRequest],
+        context: Context,
+        st: _PublishStream,
+    ) -> None:
+        m = self._metrics
+        async for req in request_iterator:
+            batch = req.batch
+            channel = st.channel
+            if channel is None:
+                if not batch.session_id:
+                    raise InvalidArgument("batch.session_id must be set")
+                claims = self._claims(context, batch.session_id, ("publisher",))
+                channel = await self._sessions.channel_for(claims)
+                st.channel = channel
+                channel.publishers += 1
+                channel.publisher_wakers.add(st.wake)
+                m.publishers.inc()
+                self._sessions.report_now.set()
+                log.info(
+                    "publisher connected",
+                    extra={"session": channel.session_id, "edge": self._sessions.edge_id},
+                )
+            elif batch.session_id != channel.session_id:
+                raise PermissionDenied(
+                    f"this stream publishes session {channel.session_id}, not {batch.session_id}"
+                )
+            if channel.released is not None:
+                raise FailedPrecondition(channel.released)
+            if 0 < batch.seq < st.last_seq and not channel.watermark.seen(batch.seq):
+                raise InvalidArgument(
+                    f"seq went backwards on this stream ({batch.seq} after {st.last_seq}); "
+                    f"resume from {channel.watermark.value + 1} on a new stream"
+                )
+            result = channel.admit(batch)
+            if result.accepted or result.tombstone:
+                # A seq refused without being consumed (far ahead) does not count: the
+                # device resends from the watermark on this same stream.
+                st.last_seq = max(st.last_seq, batch.seq)
+                now = time.time_ns()
+                journaled = (
+                    batch
+                    if result.accepted
+                    else vitals_pb2.VitalsBatch(session_id=channel.session_id, seq=batch.seq)
+                )
+                try:
+                    await self._journal.append(
+                        channel.session_id,
+                        channel.patient_id,
+                        batch.seq,
+                        now,
+                        journaled,
+                        rejected=result.tombstone,
+                    )
+                except JournalError as e:
+                    # What the channel believes received is no longer true: forget it,
+                    # the device resends from the archived watermark.
+                    self._sessions.channels.pop(channel.session_id, None)
+                    raise Unavailable(f"edge journal failed ({e}); reconnect") from e
+                channel.journaled(batch.seq)
+                if result.accepted:
+                    channel.process(batch, now, result.waveforms)
+            if result.accepted:
+                m.batches_accepted.inc()
+            elif result.duplicate:
+                m.batches_duplicate.inc()
+                st.duplicates += 1
+            elif result.rejection is not None:
+                m.batches_rejected.inc()
+                err = result.rejection
+                st.rejections.append(
+                    vitals_pb2.BatchRejection(
+                        seq=batch.seq, code=status_of(err).value[0], message=err.message
+                    )
+                )
+                log.info(
+                    "batch rejected",
+                    extra={
+                        "session": channel.session_id,
+                        "seq": batch.seq,
+                        "reason": err.message,
+                    },
+                )
+            st.ack_due = True
+            st.wake()
 
     async def Subscribe(
         self, request: vitals_pb2.SubscribeVitalsRequest, context: Context

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 
 from edge_nodes.vitals.domain import Limits
 from edge_nodes.vitals.pipeline import SessionChannel
 from telehealth.errors import FailedPrecondition, NotFound
 from telehealth.security.tokens import SessionClaims
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -21,6 +24,9 @@ class EdgeAssignment:
     released: str | None = None
     new_edge_id: str = ""
     new_edge_address: str = ""
+    # Set by moving(): where the core is taking the session (make-before-break).
+    moving_to: str = ""
+    moving_reason: str = ""
 
 
 class EdgeSessions:
@@ -56,6 +62,27 @@ class EdgeSessions:
         ch = self.channels.pop(session_id, None)
         if ch is not None:
             ch.release(self._released_message(a))
+
+    async def moving(self, session_id: str, new_edge_id: str, reason: str) -> None:
+        """The core is moving the session to new_edge_id (drain, rebalance, zone change):
+        its publisher gets PublishVitalsResponse.moving and every viewer a moving event,
+        and this edge goes on taking batches and serving views until release()."""
+        a = self.assignments.get(session_id)
+        if a is None or a.released is not None:
+            # Nothing served here to warn; the core's release (or assignment) settles it.
+            log.info(
+                "moving for a session not served here",
+                extra={"session": session_id, "edge": self.edge_id},
+            )
+            return
+        a.moving_to, a.moving_reason = new_edge_id, reason
+        ch = self.channels.get(session_id)
+        if ch is not None:
+            ch.move(new_edge_id, reason)
+        log.info(
+            "session moving",
+            extra={"session": session_id, "new_edge": new_edge_id, "reason": reason},
+        )
 
     def _released_message(self, a: EdgeAssignment) -> str:
         if a.released == "moved":
@@ -98,6 +125,8 @@ class EdgeSessions:
                 start_seq=a.archived_seq,
                 patient_id=a.patient_id,
             )
+            if a.moving_to:
+                ch.move(a.moving_to, a.moving_reason)
             self.channels[sid] = ch
         return ch
 
