@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from loadtest.figures import run_figures
 from loadtest.host import machine_info
+from loadtest.placement import run_placement
 from loadtest.plots import all_plots
 from loadtest.report import (
     base_report,
@@ -46,7 +48,7 @@ exit codes: 0 done, 2 bad scenario or arguments, 1 the run failed.
 
 def _write(
     sc: Scenario, results: list[dict[str, Any]], ctx: RunContext, out: Path,
-    started: float, machine: dict[str, Any],
+    started: float, machine: dict[str, Any], placement: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Path]:  # fmt: skip
     rows = rows_of(results)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
@@ -64,7 +66,9 @@ def _write(
         finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         elapsed_s=time.time() - started,
     )
-    report["figures"] = path_figures(rows)
+    report["figures"] = {**run_figures(results, rows), "per_run": path_figures(rows)}
+    if placement:
+        report["figures"]["placement"] = placement
     main_rows = [r for r in rows if not r.get("bisect")]
     plots = all_plots(prefix, main_rows, rows, main_rows, rows, limit_ms=sc.p99_limit_ms)
     report["plots"] = {k.strip("-").removesuffix(".png"): p.name for k, p in plots.items()}
@@ -81,15 +85,42 @@ def _write(
     return report, Path(f"{prefix}.json")
 
 
+async def run_small_placement(ctx: RunContext, sc: Scenario) -> dict[str, Any]:
+    """The scenario's placement run: Opens timed against a real core holding its edges and
+    sessions (loadtest.placement, the bench's method at the scenario's scale)."""
+    print(
+        f"[placement] {sc.placement_edges} edges, {sc.placement_sessions} live sessions, "
+        f"{sc.placement_opens} Opens ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    result = await asyncio.to_thread(
+        run_placement,
+        ctx.work_dir,
+        ctx.pinning,
+        sc.placement_edges,
+        sc.placement_sessions,
+        sc.placement_opens,
+    )
+    lat = result["latency_ms"]
+    print(f"[placement] Open p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms", file=sys.stderr)
+    return result
+
+
 async def _run(sc: Scenario, target: str, mqtt: str, out: Path, progress: str) -> int:
     started = time.time()
     machine = machine_info()  # first, so the load average is the one before we add load
     ctx = RunContext.create(core_address="" if target == "local" else target, mqtt_address=mqtt)
+    placement: dict[str, Any] | None = None
     try:
         results = await run_scenario(ctx, sc, progress)
+        if sc.placement_edges:
+            # The load's systems are idle now; stop them so placement has the SUT CPU alone.
+            ctx.systems.stop()
+            placement = await run_small_placement(ctx, sc)
     finally:
         ctx.close()
-    report, path = _write(sc, results, ctx, out, started, machine)
+    report, path = _write(sc, results, ctx, out, started, machine, placement)
     print(markdown_table(summary_table(report["runs"])))
     print(f"\nreport: {path} and {path.with_suffix('.html')}")
     return 0

@@ -3,9 +3,12 @@
 Run by the runner as `python -m loadtest.generator SPEC.json OUT.json`, pinned to its own CPU.
 Every batch has a scheduled send time on the clock; senders never wait for acks, and latency
 is the subscriber's receipt time minus that scheduled time, so a stalled system shows up as
-latency instead of silently slowing the load (no coordinated omission). Both ends live in
-this process, so one monotonic clock (perf_counter_ns) times everything; wall time
-(time_ns) only fills the batches' device timestamps.
+latency instead of silently slowing the load (no coordinated omission). A batch the generator
+could not send before sending stopped, or that was sent but never arrived, still counts: its
+latency is recorded as a lower bound (time it was given up on minus its scheduled time), and
+percentiles those samples reach are marked as lower bounds. Both ends live in this process, so
+one monotonic clock (perf_counter_ns) times everything; wall time (time_ns) only fills the
+batches' device timestamps.
 """
 
 from __future__ import annotations
@@ -15,26 +18,41 @@ import contextlib
 import json
 import math
 import os
-import re
 import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hdrh.histogram import HdrHistogram
+import numpy as np
 
-# Latencies are recorded in microseconds, from 1 us to 60 s, 3 significant digits.
-HIST_MAX_US = 60_000_000
+from loadtest.recording import (
+    EXPIRE_S,
+    HIST_MAX_US,
+    NEW,
+    TOO_OLD,
+    Patient,
+    SeenWindow,
+    Segment,
+    StepRecorder,
+    memory_growth,
+)
+
+__all__ = ["HIST_MAX_US", "GeneratorSpec", "Patient", "StepRecorder", "StepSpec", "Swarm"]
+
 # Longest wait for late deliveries after the last send while they are still arriving.
 DRAIN_MAX_S = 10.0
-
-
-def new_histogram(digits: int = 3) -> Any:
-    return HdrHistogram(1, HIST_MAX_US, digits)
+# A generator is the bottleneck ("generator-bound") when it used this much of its CPU ...
+GENERATOR_BOUND_CPU = 85.0
+# ... or its event loop ran a 10 ms timer this late at p99: deliveries then wait to be
+# timestamped and sends to be written, and the figure is the generator's, not the system's.
+GENERATOR_BOUND_LOOP_LAG_MS = 5.0
+LOOP_PROBE_S = 0.010
+# After the send window's end, a write still blocked this long is abandoned (its stream reset).
+WRITE_GRACE_S = 1.0
 
 
 @dataclass
@@ -71,6 +89,10 @@ class GeneratorSpec:
     bisect_steps: int = 0
     stop_after_failures: int = 0
     retry_failures: bool = False
+    # Deliveries later than this count as `late` (the scenario's p99 limit, or 50 ms).
+    late_ms: float = 50.0
+    # Two-way video calls through the edge alongside the vitals (edge path only).
+    video_calls: int = 0
 
     @property
     def max_patients(self) -> int:
@@ -88,67 +110,15 @@ class GeneratorSpec:
         return out
 
 
-class StepRecorder:
-    """Counts and latencies of one step; deliveries may arrive from MQTT client threads."""
-
-    def __init__(self, index: int, patients: int, target_rate: float, t0_ns: int) -> None:
-        self.index = index
-        self.patients = patients
-        self.target_rate = target_rate
-        self.t0_ns = t0_ns
-        self.scheduled = 0
-        self.sent = 0
-        self.expected = 0
-        self.delivered = 0
-        self.duplicates = 0
-        self.last_delivery_ns = 0
-        self.hist = new_histogram()
-        # How late the generator itself sent (timer wake-up and loop delays), so a reader can
-        # tell the generator's share of the latency from the system's.
-        self.send_lag = new_histogram(2)
-        self.sent_by_s: dict[int, int] = {}
-        self.delivered_by_s: dict[int, int] = {}
-        self.hist_by_s: dict[int, Any] = {}
-        self.lock = threading.Lock()
-
-    def on_sent(self, sched_ns: int, viewers: int, now_ns: int) -> None:
-        self.sent += 1
-        self.send_lag.record_value(min(max(1, (now_ns - sched_ns) // 1000), HIST_MAX_US))
-        self.expected += viewers
-        s = (sched_ns - self.t0_ns) // 1_000_000_000
-        self.sent_by_s[s] = self.sent_by_s.get(s, 0) + 1
-
-    def on_delivered(self, sched_ns: int, now_ns: int) -> None:
-        us = min(max(1, (now_ns - sched_ns) // 1000), HIST_MAX_US)
-        s = (now_ns - self.t0_ns) // 1_000_000_000
-        with self.lock:
-            self.delivered += 1
-            self.last_delivery_ns = max(self.last_delivery_ns, now_ns)
-            self.hist.record_value(us)
-            self.delivered_by_s[s] = self.delivered_by_s.get(s, 0) + 1
-            h = self.hist_by_s.get(s)
-            if h is None:
-                h = self.hist_by_s[s] = new_histogram(2)
-            h.record_value(us)
-
-
-@dataclass
-class Patient:
-    index: int
-    session_id: str
-    next_seq: int = 1
-    t0_unix_ns: int = 0
-    # Per seq (index seq-1): scheduled send time and the step it belongs to.
-    sched: list[tuple[int, StepRecorder]] = field(default_factory=list)
-    publisher_token: str = ""
-    viewer_token: str = ""
-    watched: bool = False
-    # Per viewer: which seqs arrived (to tell duplicates from deliveries).
-    seen: list[bytearray] = field(default_factory=list)
-
-
 class Swarm:
-    """Common bookkeeping; one subclass per path knows how to connect, send and subscribe."""
+    """Common bookkeeping; one subclass per path knows how to connect, send and subscribe.
+
+    `clock` and `sleep` are the monotonic clock (ns) and the timer; tests replace them with
+    a virtual clock to check the send schedule and the deadline path without a network.
+    """
+
+    clock: Callable[[], int] = staticmethod(time.perf_counter_ns)
+    sleep: Callable[[float], Awaitable[None]] = staticmethod(asyncio.sleep)
 
     def __init__(self, spec: GeneratorSpec) -> None:
         from loadtest.payload import PayloadBook, PayloadShape
@@ -158,21 +128,48 @@ class Swarm:
         self.patients: list[Patient] = []
         self.drops = 0
         self.stray = 0
+        # Arrivals of batches whose step was already counted (later than its drain).
+        self.after_drain = 0
         self.errors: dict[str, int] = {}
         self.current: StepRecorder | None = None
         self.deadline_ns = 0
+        # MQTT deliveries come from paho's threads: receive windows change under this lock.
+        self.seen_lock = threading.Lock()
+        # The receive window per viewer, in seqs: EXPIRE_S of batches.
+        self.window = max(64, math.ceil(EXPIRE_S * spec.batch_rate_hz))
 
     # -- per path ------------------------------------------------------------------------
     async def setup(self) -> None: ...
     async def open_streams(self, n: int) -> None: ...
     async def send(self, p: Patient, data: bytes) -> None: ...
+    def reset_stream(self, p: Patient) -> None:
+        """Drop a patient's stream whose write was abandoned; open_streams makes a new one."""
+
     async def subscribers_ready(self) -> int:
         return -1
 
     async def read_drops(self) -> int:
         return self.drops
 
+    async def server_counters(self) -> dict[str, float]:
+        """What the system under test says about itself (scraped, read-only), if it can."""
+        return {}
+
     async def close(self) -> None: ...
+
+    def note_error(self, what: str, e: BaseException) -> None:
+        """Count stream failures; say the first of each kind, since they explain a loss."""
+        key = f"{what}: {type(e).__name__}"
+        if type(e).__module__.startswith("grpc"):
+            import grpc
+
+            if isinstance(e, grpc.aio.AioRpcError):
+                if e.code() == grpc.StatusCode.CANCELLED:
+                    return  # our own cancel (end of run, or an abandoned write)
+                key = f"{what}: {e.code().name}: {e.details()}"
+        self.errors[key] = self.errors.get(key, 0) + 1
+        if self.errors[key] == 1:
+            print(f"[{self.spec.label}] {key}", file=sys.stderr, flush=True)
 
     # -- shared ---------------------------------------------------------------------------
     def new_patient(self, index: int, session_id: str, **kw: Any) -> Patient:
@@ -181,27 +178,46 @@ class Swarm:
             index,
             session_id,
             watched=index < self.spec.watched,
-            seen=[bytearray() for _ in range(self.spec.viewers)],
+            seen=[SeenWindow() for _ in range(self.spec.viewers)],
             **kw,
         )
 
     def deliver(self, patient: int, viewer: int, seq: int, now_ns: int) -> None:
+        with self.seen_lock:
+            self._deliver(patient, viewer, seq, now_ns)
+
+    def _deliver(self, patient: int, viewer: int, seq: int, now_ns: int) -> None:
         p = self.patients[patient] if 0 <= patient < len(self.patients) else None
-        if p is None or not 1 <= seq <= len(p.sched):
+        seg = p.segment_of(seq) if p is not None else None
+        if p is None or seg is None or not 0 <= viewer < len(p.seen):
             self.stray += 1
             return
-        seen = p.seen[viewer]
-        if len(seen) <= seq:
-            seen.extend(b"\0" * (seq + 1024 - len(seen)))
-        sched_ns, rec = p.sched[seq - 1]
-        if seen[seq]:
+        rec = seg.rec
+        w = p.seen[viewer]
+        mark = w.mark(seq)
+        if mark == TOO_OLD:
+            # Counted undelivered when the window passed it; a delivery now changes nothing.
+            self.after_drain += 1
+            return
+        if mark != NEW:
             with rec.lock:
                 rec.duplicates += 1
             return
-        seen[seq] = 1
-        rec.on_delivered(sched_ns, now_ns)
+        if seg.closed:
+            self.after_drain += 1
+            return
+        rec.on_delivered(seg.due(seq), now_ns)
+        if seq - w.base >= 2 * self.window:
+            self._expire(p, w, seq - self.window, now_ns)
 
-    async def run_step(self, rec: StepRecorder, step: StepSpec, progress: Progress) -> None:
+    def _expire(self, p: Patient, w: SeenWindow, new_base: int, now_ns: int) -> None:
+        """Give up on seqs more than EXPIRE_S behind: undelivered now (latency >= EXPIRE_S)."""
+        for seq in w.advance(new_base):
+            seg = p.segment_of(seq)
+            if seg is not None and not seg.closed:
+                seg.rec.on_undelivered(seg.due(seq), now_ns, expired=True)
+
+    async def run_step(self, rec: StepRecorder, step: StepSpec) -> None:
         period_ns = round(1e9 / self.spec.batch_rate_hz)
         n = step.patients
         end_ns = rec.t0_ns + int(step.duration_s * 1e9)
@@ -215,37 +231,68 @@ class Swarm:
             start = rec.t0_ns + int(step.ramp_s * 1e9 * i / n) + period_ns * i // n
             count = max(0, math.ceil((end_ns - start) / period_ns))
             rec.scheduled += count
-            tasks.append(asyncio.create_task(self._send_loop(p, rec, start, count, period_ns)))
-        await asyncio.gather(*tasks)
+            seg = Segment(p.next_seq, start, period_ns, count, rec)
+            p.segments.append(seg)
+            tasks.append(asyncio.create_task(self._send_loop(p, seg)))
+        if not tasks:
+            return
+        # A write blocked past the deadline (the server stopped reading) is abandoned: the
+        # rest of that patient's batches are not sent, and count as such.
+        grace_s = (self.deadline_ns - self.clock()) / 1e9 + WRITE_GRACE_S
 
-    async def _send_loop(
-        self, p: Patient, rec: StepRecorder, start_ns: int, count: int, period_ns: int
-    ) -> None:
+        async def watchdog() -> None:
+            await self.sleep(max(grace_s, 0.0))
+            for t in tasks:
+                t.cancel()
+
+        wd = asyncio.create_task(watchdog())
+        await asyncio.gather(*tasks, return_exceptions=True)
+        wd.cancel()
+        await asyncio.gather(wd, return_exceptions=True)
+        rec.send_end_ns = self.clock()
+
+    async def _send_loop(self, p: Patient, seg: Segment) -> None:
+        rec = seg.rec
         viewers = self.spec.viewers if p.watched else 0
-        clock = time.perf_counter_ns
-        for k in range(count):
-            due = start_ns + k * period_ns
-            delay = due - clock()
-            if delay > 0:
-                await asyncio.sleep(delay / 1e9)
-            if clock() > self.deadline_ns:
-                return
-            seq = p.next_seq
-            p.next_seq += 1
-            if p.t0_unix_ns == 0:
-                p.t0_unix_ns = time.time_ns()
-            # Recorded before the write: time blocked in the write counts as latency.
-            p.sched.append((due, rec))
-            data = self.book.encode(p.index, p.session_id, seq, p.t0_unix_ns, time.time_ns())
-            rec.on_sent(due, viewers, clock())
-            await self.send(p, data)
+        clock = self.clock
+        k = 0
+        try:
+            while k < seg.count:
+                due = seg.start_ns + k * seg.period_ns
+                delay = due - clock()
+                if delay > 0:
+                    await self.sleep(delay / 1e9)
+                if clock() > self.deadline_ns:
+                    break
+                seq = p.next_seq
+                p.next_seq += 1
+                if p.t0_unix_ns == 0:
+                    p.t0_unix_ns = time.time_ns()
+                data = self.book.encode(p.index, p.session_id, seq, p.t0_unix_ns, time.time_ns())
+                # Counted before the write: time blocked in the write counts as latency.
+                seg.sent += 1
+                rec.on_sent(due, viewers, clock())
+                k += 1
+                await self.send(p, data)
+        except asyncio.CancelledError:
+            self.reset_stream(p)
+            raise
+        except Exception as e:
+            # A broken stream: the rest of this step's batches are not sent (and count so);
+            # the next step opens a new stream.
+            self.note_error("publish", e)
+            self.reset_stream(p)
+        finally:
+            if k < seg.count:
+                dues = seg.start_ns + np.arange(k, seg.count, dtype=np.int64) * seg.period_ns
+                rec.on_unsent(dues, viewers, max(clock(), self.deadline_ns))
 
     async def wait_delivered(self, rec: StepRecorder) -> None:
         """Wait for late deliveries: at least drain_s, longer while they keep arriving (an
         overloaded server is still working off its queue), never past DRAIN_MAX_S."""
         start = time.monotonic()
         last_progress, last_count = start, rec.delivered
-        while rec.delivered < rec.expected:
+        while rec.delivered + rec.expired < rec.expected:
             now = time.monotonic()
             if rec.delivered != last_count:
                 last_progress, last_count = now, rec.delivered
@@ -254,6 +301,59 @@ class Swarm:
             if now - start > self.spec.drain_s and now - last_progress > 1.0:
                 return
             await asyncio.sleep(0.05)
+
+    def finish_step(self, rec: StepRecorder, now_ns: int) -> None:
+        """The drain is over: every (batch, viewer) of the step not received is undelivered,
+        recorded at now - scheduled (a lower bound); later arrivals no longer count."""
+        with self.seen_lock:
+            self._finish_step(rec, now_ns)
+        rec.close()
+
+    def _finish_step(self, rec: StepRecorder, now_ns: int) -> None:
+        for p in self.patients:
+            for seg in p.segments:
+                if seg.rec is not rec or seg.closed:
+                    continue
+                seg.closed = True
+                if not p.watched:
+                    continue
+                hi = seg.first_seq + seg.sent
+                for w in p.seen:
+                    for seq in range(max(seg.first_seq, w.base), hi):
+                        if not w.has(seq):
+                            rec.on_undelivered(seg.due(seq), now_ns)
+
+
+async def probe_loop_lag(rec_of: Callable[[], StepRecorder | None], stop: asyncio.Event) -> None:
+    """How late this process's event loop runs a short timer: the generator's own delay."""
+    clock = time.perf_counter_ns
+    period_ns = int(LOOP_PROBE_S * 1e9)
+    while not stop.is_set():
+        t = clock()
+        await asyncio.sleep(LOOP_PROBE_S)
+        rec = rec_of()
+        if rec is not None:
+            rec.loop_lag.add(min(max(1, (clock() - t - period_ns) // 1000), HIST_MAX_US))
+
+
+def scrape_metrics(url: str) -> dict[str, float]:
+    """The edge's own counters from its /metrics (read-only): per sample name, summed over
+    labels, with the `result` label kept (batches in: accepted, duplicate, rejected).
+    Histogram buckets are skipped; any metric with loop_lag in its name is kept whole."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=2) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name.endswith(("_bucket", "_created")):
+                continue
+            if not (s.name.startswith("telehealth_edge_") or "loop_lag" in s.name):
+                continue
+            key = s.name + (f"{{result={s.labels['result']}}}" if "result" in s.labels else "")
+            out[key] = out.get(key, 0.0) + float(s.value)
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -336,23 +436,15 @@ class _GrpcSwarm(Swarm):
         except Exception as e:
             self.note_error("subscribe", e)
 
-    def note_error(self, what: str, e: BaseException) -> None:
-        """Count stream failures; say the first of each kind, since they explain a loss."""
-        import grpc
-
-        if isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.CANCELLED:
-            return  # our own cancel at the end of the run
-        key = f"{what}: {type(e).__name__}"
-        if isinstance(e, grpc.aio.AioRpcError):
-            key = f"{what}: {e.code().name}: {e.details()}"
-        self.errors[key] = self.errors.get(key, 0) + 1
-        if self.errors[key] == 1:
-            print(f"[{self.spec.label}] {key}", file=sys.stderr, flush=True)
-
     async def send(self, p: Patient, data: bytes) -> None:
         from loadtest.payload import wrap_publish
 
         await self.publish_calls[p.index].write(wrap_publish(data))
+
+    def reset_stream(self, p: Patient) -> None:
+        call = self.publish_calls.pop(p.index, None)
+        if call is not None:
+            call.cancel()
 
     async def close(self) -> None:
         for call in self.publish_calls.values():
@@ -476,17 +568,19 @@ class EdgeSwarm(_GrpcSwarm):
         return 0, 0  # NEWS2, alerts, derived heart rate: the edge's extra work, not counted
 
     async def subscribers_ready(self) -> int:
-        url = self.spec.edge_metrics_url
-        if not url:
+        if not self.spec.edge_metrics_url:
             return -1
+        m = await asyncio.to_thread(scrape_metrics, self.spec.edge_metrics_url)
+        return int(m.get("telehealth_edge_subscribers", -1))
 
-        def scrape() -> int:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                text = r.read().decode()
-            m = re.search(r"^telehealth_edge_subscribers\{[^}]*\} (\S+)$", text, re.M)
-            return int(float(m.group(1))) if m else -1
-
-        return await asyncio.to_thread(scrape)
+    async def server_counters(self) -> dict[str, float]:
+        if not self.spec.edge_metrics_url:
+            return {}
+        try:
+            return await asyncio.to_thread(scrape_metrics, self.spec.edge_metrics_url)
+        except OSError as e:
+            self.note_error("metrics scrape", e)
+            return {}
 
     async def close(self) -> None:
         from telehealth.v1 import sessions_pb2
@@ -712,20 +806,23 @@ class Progress:
         while True:
             await asyncio.sleep(1.0)
             ticks += 1
+            if self.mode == "off":
+                continue
             sent, delivered = rec.sent, rec.delivered
             with rec.lock:
-                p99 = rec.hist.get_value_at_percentile(99.0) / 1000 if rec.delivered else 0.0
+                p99 = rec.hist.value_at_ms(99.0)
+            lag = rec.loop_lag.value_at_ms(99.0)
             elapsed = (time.perf_counter_ns() - rec.t0_ns) / 1e9
             line = (
                 f"[{self.label} step {rec.index + 1}: {rec.patients} patients] "
                 f"{min(elapsed, 9999):6.1f}s/{duration_s:g}s  "
                 f"offered {sent - last_sent:6d}/s (target {rec.target_rate:g})  "
                 f"delivered {delivered - last_delivered:6d}/s  p99 {p99:8.2f} ms  "
-                f"drops {swarm.drops}  not yet delivered {max(0, rec.expected - delivered)}"
+                f"late {rec.late}  drops {swarm.drops}  "
+                f"not yet delivered {max(0, rec.expected - delivered)}  "
+                f"generator loop lag p99 {lag:.1f} ms"
             )
             last_sent, last_delivered = sent, delivered
-            if self.mode == "off":
-                continue
             if self.tty:
                 print("\r" + line, end="", file=sys.stderr, flush=True)
             elif ticks % 5 == 0:
@@ -736,50 +833,88 @@ class Progress:
             print(file=sys.stderr, flush=True)
 
 
-def percentiles_ms(hist: Any) -> dict[str, float]:
-    if hist.get_total_count() == 0:
-        return {k: 0.0 for k in ("p50", "p90", "p99", "p999", "max", "mean")}
+CDF_POINTS = (*range(0, 100, 2), 99, 99.5, 99.9, 99.95, 99.99, 100)
+
+
+def generator_bound(cpu_percent: float, loop_lag_p99_ms: float) -> dict[str, Any]:
+    """Was the generator, not the system under test, the limit of this step?"""
+    reasons = []
+    if cpu_percent >= GENERATOR_BOUND_CPU:
+        reasons.append(f"generator CPU {cpu_percent:.0f}% >= {GENERATOR_BOUND_CPU:.0f}%")
+    if loop_lag_p99_ms > GENERATOR_BOUND_LOOP_LAG_MS:
+        why = (
+            f" with its CPU at only {cpu_percent:.0f}%: other processes on its CPU"
+            if cpu_percent < 50
+            else ""
+        )
+        reasons.append(
+            f"generator loop lag p99 {loop_lag_p99_ms:.1f} ms > "
+            f"{GENERATOR_BOUND_LOOP_LAG_MS:g} ms{why}"
+        )
     return {
-        "p50": hist.get_value_at_percentile(50.0) / 1000,
-        "p90": hist.get_value_at_percentile(90.0) / 1000,
-        "p99": hist.get_value_at_percentile(99.0) / 1000,
-        "p999": hist.get_value_at_percentile(99.9) / 1000,
-        "max": hist.get_max_value() / 1000,
-        "mean": round(hist.get_mean_value() / 1000, 3),
+        "bound": bool(reasons),
+        "reasons": reasons,
+        "cpu_percent": cpu_percent,
+        "loop_lag_p99_ms": loop_lag_p99_ms,
     }
 
 
-CDF_POINTS = (0, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 99.95, 99.99, 100)
+def server_figures(
+    sent: int, before: dict[str, float], at_send_end: dict[str, float], after: dict[str, float]
+) -> dict[str, Any]:
+    """The edge's own view of the step (scraped /metrics deltas): how much of what was sent it
+    had read when sending stopped (the rest sat in HTTP/2 flow-control windows and socket
+    buffers: the edge falling behind), and after the drain."""
+    if not before or not after:
+        return {}
+    acc = "telehealth_edge_batches_in_total{result=accepted}"
+    dup = "telehealth_edge_batches_in_total{result=duplicate}"
 
+    def delta(m: dict[str, float], key: str) -> float:
+        return m.get(key, 0.0) - before.get(key, 0.0)
 
-def cdf_ms(hist: Any) -> list[list[float]]:
-    if hist.get_total_count() == 0:
-        return []
-    pts: list[list[float]] = []
-    for q in (*range(0, 100, 2), *CDF_POINTS[7:]):
-        pts.append([hist.get_value_at_percentile(float(q)) / 1000, float(q)])
-    return pts
+    read_at_end = delta(at_send_end, acc) + delta(at_send_end, dup) if at_send_end else 0.0
+    read_after = delta(after, acc) + delta(after, dup)
+    out: dict[str, Any] = {
+        "accepted": delta(after, acc),
+        "duplicates": delta(after, dup),
+        "rejected": delta(after, "telehealth_edge_batches_in_total{result=rejected}"),
+        "events_out": delta(after, "telehealth_edge_events_out_total"),
+        "fanout_dropped": delta(after, "telehealth_edge_fanout_dropped_total"),
+        "unread_at_send_end": max(0.0, sent - read_at_end) if at_send_end else 0.0,
+        "unread_after_drain": max(0.0, sent - read_after),
+    }
+    lag = {k: v for k, v in after.items() if "loop_lag" in k}
+    if lag:
+        out["loop_lag"] = lag
+    return out
 
 
 def step_result(
     rec: StepRecorder, step: StepSpec, wall_s: float, drops: int, cpu: dict[str, Any],
-    rss: list[dict[str, float]],
+    rss: Sequence[tuple[float, dict[str, float]]] = (), server: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
+    rec.close()
     lost = max(0, rec.expected - rec.delivered)
     span_s = max(step.duration_s, (rec.last_delivery_ns - rec.t0_ns) / 1e9)
     seconds = math.ceil(span_s)
-    timeline = []
-    for s in range(seconds + 2):
-        h = rec.hist_by_s.get(s)
-        timeline.append(
-            {
-                "t_s": s,
-                "sent": rec.sent_by_s.get(s, 0),
-                "delivered": rec.delivered_by_s.get(s, 0),
-                "p99_ms": h.get_value_at_percentile(99.0) / 1000 if h is not None else 0.0,
-                "rss_mib": rss[s] if s < len(rss) else {},
-            }
-        )
+    rss_by_s: dict[int, dict[str, float]] = {}
+    t_rss0 = rss[0][0] if rss else 0.0
+    for t, row in rss:
+        rss_by_s.setdefault(int(t - t_rss0), row)
+    timeline = [
+        {
+            "t_s": s,
+            "sent": rec.sent_by_s.get(s, 0),
+            "delivered": rec.delivered_by_s.get(s, 0),
+            "p99_ms": rec.p99_by_s.get(s, 0.0),
+            "rss_mib": rss_by_s.get(s, {}),
+        }
+        for s in range(seconds + 2)
+    ]
+    latency = rec.latency_ms()
+    loop_lag = rec.loop_lag.percentiles_ms()
+    gen_cpu = float(cpu.get("generator", {}).get("cpu_percent", 0.0))
     return {
         "patients": rec.patients,
         "duration_s": step.duration_s,
@@ -787,22 +922,36 @@ def step_result(
         "target_batches_per_s": rec.target_rate,
         "scheduled": rec.scheduled,
         "sent": rec.sent,
+        "not_sent": rec.unsent,
         "expected": rec.expected,
         "delivered": rec.delivered,
         "duplicates": rec.duplicates,
         "lost": lost,
         "loss_ratio": lost / rec.expected if rec.expected else 0.0,
+        "late": rec.late,
+        "late_ms": rec.late_us / 1000,
         "drops": drops,
         "offered_batches_per_s": rec.sent / step.duration_s,
         # Over the time deliveries really took: an overloaded server still delivering in the
         # drain must not look faster than it was.
         "delivered_batches_per_s": rec.delivered / span_s,
         "delivery_span_s": round(span_s, 3),
-        "latency_ms": percentiles_ms(rec.hist),
-        "latency_cdf_ms": cdf_ms(rec.hist),
-        "generator_send_lag_ms": percentiles_ms(rec.send_lag),
-        "histogram_hdr": rec.hist.encode().decode(),
+        # Every expected delivery: received ones exactly, the rest as lower bounds.
+        "latency_ms": latency,
+        "latency_lower_bound": rec.lower_bound(latency),
+        "latency_censored": {
+            "not_sent": rec.censored_unsent,
+            "undelivered": rec.censored_undelivered,
+            "expired_before_drain_end": rec.expired,
+        },
+        "latency_cdf_ms": rec.hist.cdf_ms(CDF_POINTS),
+        "generator_send_lag_ms": rec.send_lag.percentiles_ms(),
+        "generator_loop_lag_ms": loop_lag,
+        "generator_bound": generator_bound(gen_cpu, loop_lag["p99"]),
+        "server": server or {},
+        "histogram_hdr": rec.hist.hist.encode().decode(),
         "timeline": timeline,
+        "memory_growth": memory_growth(rss, skip_s=t_rss0 + step.ramp_s),
         "cpu": cpu,
         "wall_s": round(wall_s, 3),
         # The machine is shared; a high load average explains a noisy step.
@@ -811,12 +960,13 @@ def step_result(
 
 
 def step_passes(result: dict[str, Any], p99_limit_ms: float) -> bool:
-    """Sustainable: p99 under the limit, nothing lost, and the offered load really offered."""
+    """Sustainable: p99 under the limit, every batch sent, and every one delivered."""
+    not_sent = result.get("not_sent", result["scheduled"] - result["sent"])
     return bool(
         result["delivered"] > 0
         and result["latency_ms"]["p99"] < p99_limit_ms
         and result["lost"] == 0
-        and result["sent"] >= 0.98 * result["scheduled"]
+        and not_sent == 0
     )
 
 
@@ -858,8 +1008,13 @@ async def _settle(pids: dict[str, int], idle_percent: float = 25.0, limit_s: flo
 
 
 async def _sample_rss(
-    pids: dict[str, int], out: list[dict[str, float]], stop: asyncio.Event
+    pids: dict[str, int],
+    out: list[tuple[float, dict[str, float]]],
+    stop: asyncio.Event,
+    t0: float,
+    interval_s: float,
 ) -> None:
+    """RSS of every process (SUT and generator) for the whole run, as (seconds, {name: MiB})."""
     from loadtest.host import sample
 
     while not stop.is_set():
@@ -867,15 +1022,13 @@ async def _sample_rss(
         for name, pid in pids.items():
             s = sample(pid)
             if s is not None:
-                row[name] = round(s.rss_bytes / 2**20, 1)
-        out.append(row)
+                row[name] = round(s.rss_bytes / 2**20, 2)
+        out.append((round(time.monotonic() - t0, 3), row))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 1.0)
+            await asyncio.wait_for(stop.wait(), interval_s)
 
 
 async def run(spec: GeneratorSpec) -> dict[str, Any]:
-    from loadtest.host import cpu_between, sample
-
     swarm = SWARMS[spec.path](spec)
     t_setup = time.monotonic()
     await swarm.setup()
@@ -884,9 +1037,16 @@ async def run(spec: GeneratorSpec) -> dict[str, Any]:
     want = spec.watched * spec.viewers
     pids = {**spec.pids, "generator": os.getpid()}
     results: list[dict[str, Any]] = []
+    planned_s = sum(s.duration_s + s.ramp_s for s in spec.steps)
+    rss: list[tuple[float, dict[str, float]]] = []
+    stop = asyncio.Event()
+    background = [
+        asyncio.create_task(_sample_rss(pids, rss, stop, t_setup, 0.25 if planned_s < 60 else 1.0)),
+        asyncio.create_task(probe_loop_lag(lambda: swarm.current, stop)),
+    ]
+    setup_s = 0.0
     try:
         await _wait_subscribed(swarm, want)
-        await swarm.open_streams(spec.max_patients)
         setup_s = time.monotonic() - t_setup
         steps = list(spec.steps)
         planned = len(steps)
@@ -896,7 +1056,7 @@ async def run(spec: GeneratorSpec) -> dict[str, Any]:
         i = 0
         while i < len(steps) and i < 64:
             step = steps[i]
-            res = await _one_step(swarm, spec, i, step, pids, cpu_between, sample)
+            res = await _one_step(swarm, spec, i, step, pids, rss)
             # Steps added by the search are marked so reports can tell them apart.
             res["bisect"] = i >= planned
             results.append(res)
@@ -935,16 +1095,23 @@ async def run(spec: GeneratorSpec) -> dict[str, Any]:
             if i < len(steps):
                 await _settle(spec.pids)
     finally:
+        stop.set()
+        await asyncio.gather(*background, return_exceptions=True)
         await swarm.close()
+    first_ramp = spec.steps[0].ramp_s if spec.steps else 0.0
     return {
         "label": spec.label,
         "path": spec.path,
-        "setup_s": round(setup_s, 2) if results else 0.0,
+        "setup_s": round(setup_s, 2),
         "payload_bytes": list(swarm.book.sizes()),
         "stray_deliveries": swarm.stray,
+        "deliveries_after_drain": swarm.after_drain,
         "stream_errors": swarm.errors,
         "viewer_tokens": getattr(swarm, "viewer_tokens", ""),
         "steps": results,
+        # RSS of every process over the whole run (setup, steps, settling between them).
+        "memory_growth": memory_growth(rss, skip_s=setup_s + first_ramp),
+        "rss_timeline": [[t, row] for t, row in rss[:: max(1, len(rss) // 600)]],
     }
 
 
@@ -954,38 +1121,45 @@ async def _one_step(
     index: int,
     step: StepSpec,
     pids: dict[str, int],
-    cpu_between: Callable[..., dict[str, float]],
-    sample: Callable[[int], Any],
+    rss: list[tuple[float, dict[str, float]]],
 ) -> dict[str, Any]:
+    from loadtest.host import cpu_between, sample
+
+    await swarm.open_streams(step.patients)  # new streams for any reset in the last step
     t0 = time.perf_counter_ns() + 200_000_000  # a little time to create the senders
-    rec = StepRecorder(index, step.patients, step.patients * spec.batch_rate_hz, t0)
+    late_ms = spec.p99_limit_ms or spec.late_ms
+    rec = StepRecorder(index, step.patients, step.patients * spec.batch_rate_hz, t0, late_ms)
     swarm.current = rec
     drops0 = await swarm.read_drops()
+    counters0 = await swarm.server_counters()
     before = {name: sample(pid) for name, pid in pids.items()}
     wall0 = time.monotonic()
-    rss: list[dict[str, float]] = []
-    stop_rss = asyncio.Event()
-    rss_task = asyncio.create_task(_sample_rss(pids, rss, stop_rss))
+    rss_from = len(rss)
     progress = Progress(spec.label, spec.progress)
     ptask = asyncio.create_task(progress.run(swarm, rec, step.duration_s))
     try:
-        await swarm.run_step(rec, step, progress)
+        await swarm.run_step(rec, step)
+        counters_send_end = await swarm.server_counters()
         await swarm.wait_delivered(rec)
+        swarm.finish_step(rec, time.perf_counter_ns())
     finally:
         ptask.cancel()
-        stop_rss.set()
-        await asyncio.gather(ptask, rss_task, return_exceptions=True)
+        await asyncio.gather(ptask, return_exceptions=True)
         progress.done()
     wall = time.monotonic() - wall0
     after = {name: sample(pid) for name, pid in pids.items()}
     cpu = {name: cpu_between(before[name], after[name], wall) for name in pids}
     drops = (await swarm.read_drops()) - drops0
-    res = step_result(rec, step, wall, drops, cpu, rss)
-    lat = res["latency_ms"]
+    server = server_figures(rec.sent, counters0, counters_send_end, await swarm.server_counters())
+    res = step_result(rec, step, wall, drops, cpu, rss[rss_from:], server)
+    lat, lb = res["latency_ms"], res["latency_lower_bound"]
+    ge = {k: ">=" if lb.get(k) else "" for k in lat}
+    gb = res["generator_bound"]
     print(
-        f"[{spec.label}] {step.patients} patients: sent {rec.sent}, delivered {rec.delivered}"
-        f"/{rec.expected}, p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms, "
-        f"max {lat['max']:.1f} ms, drops {drops}",
+        f"[{spec.label}] {step.patients} patients: sent {rec.sent}/{rec.scheduled}, delivered "
+        f"{rec.delivered}/{rec.expected}, late {rec.late}, p50 {ge['p50']}{lat['p50']:.2f} ms, "
+        f"p99 {ge['p99']}{lat['p99']:.2f} ms, max {ge['max']}{lat['max']:.1f} ms, drops {drops}"
+        + (f"; GENERATOR-BOUND ({'; '.join(gb['reasons'])})" if gb["bound"] else ""),
         file=sys.stderr,
         flush=True,
     )

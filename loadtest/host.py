@@ -110,6 +110,33 @@ def mosquitto_version(binary: str | None = None) -> str:
     return first.removeprefix("mosquitto version ").strip() or "unknown"
 
 
+# The code that is measured; a change anywhere in these shows as "dirty".
+MEASURED_DIRS = ("telehealth", "core_services", "edge_nodes", "clients", "loadtest", "proto")
+
+
+def code_version(repo: Path | None = None) -> dict[str, Any]:
+    """The git commit of the measured code, and whether it had uncommitted changes."""
+    root = repo or Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.rstrip("\n")
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", *MEASURED_DIRS)
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "", "dirty": False, "note": "not a git checkout"}
+    files = [line[3:] for line in changed.splitlines() if line.strip()]
+    return {
+        "commit": commit,
+        "dirty": bool(files),
+        "changed_files": files[:30],
+        "commit_time": git("show", "-s", "--format=%cI", "HEAD"),
+    }
+
+
 def machine_info() -> dict[str, Any]:
     """Machine and versions, plus the load average when the run starts (the box is shared)."""
     uname = platform.uname()
@@ -130,9 +157,16 @@ def machine_info() -> dict[str, Any]:
                 "numpy",
                 "psutil",
                 "matplotlib",
+                "scipy",
+                "aiosqlite",
+                "sqlalchemy",
+                "aiortc",
+                "av",
+                "opencv-python-headless",
                 "telehealth-mesh",
             )
         },
         "mosquitto": mosquitto_version(),
+        "code": code_version(),
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loadtest.figures import fmt_latency, fmt_ms, is_generator_bound
+
+__all__ = ["fmt_ms"]
+
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
 SCHEMA_VERSION = 1
@@ -24,10 +28,12 @@ ROW_FIGURES = (
     "offered_batches_per_s",
     "delivered_batches_per_s",
     "sent",
+    "not_sent",
     "expected",
     "delivered",
     "lost",
     "loss_ratio",
+    "late",
     "drops",
 )
 LATENCY_FIGURES = ("p50", "p90", "p99", "p999", "max", "mean")
@@ -87,12 +93,22 @@ class Goal:
         }
 
 
-def fmt_ms(v: float) -> str:
-    return f"{v:.2f}" if v < 100 else f"{v:.0f}"
+def row_notes(r: dict[str, Any]) -> str:
+    """What qualifies a row: generator-bound, or the edge falling behind (its own counters)."""
+    notes = []
+    if is_generator_bound(r):
+        notes.append("generator-bound")
+    unread = r.get("server", {}).get("unread_at_send_end", 0)
+    if unread:
+        notes.append(f"edge had not read {unread:.0f} when sending stopped")
+    return "; ".join(notes)
 
 
 def summary_table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
-    """Header and one line per row: the figures a reader compares across paths."""
+    """Header and one line per row: the figures a reader compares across paths.
+
+    "≥" marks a latency that is only a lower bound (it counts batches never sent or never
+    delivered at the time they were given up on)."""
     out = [
         [
             "run",
@@ -105,28 +121,32 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
             "max ms",
             "not sent",
             "undelivered",
+            "late",
             "drops",
             "SUT CPU %",
             "gen CPU %",
+            "notes",
         ]
     ]
     for r in rows:
-        lat = r["latency_ms"]
+        late_ms = r.get("late_ms", 50.0)
         out.append(
             [
                 r["name"],
                 str(r["patients"]),
                 f"{r['offered_batches_per_s']:.0f}",
                 f"{r['delivered_batches_per_s']:.0f}",
-                fmt_ms(lat["p50"]),
-                fmt_ms(lat["p99"]),
-                fmt_ms(lat["p999"]),
-                fmt_ms(lat["max"]),
-                str(r["scheduled"] - r["sent"]),
+                fmt_latency(r, "p50"),
+                fmt_latency(r, "p99"),
+                fmt_latency(r, "p999"),
+                fmt_latency(r, "max"),
+                str(r.get("not_sent", r["scheduled"] - r["sent"])),
                 f"{r['lost']} ({100 * r['loss_ratio']:.2f}%)",
+                f"{r.get('late', 0)} (>{late_ms:g} ms)" if r.get("late") else "0",
                 str(r["drops"]),
                 f"{r['sut_cpu_percent']:.0f}",
                 f"{r['generator_cpu_percent']:.0f}",
+                row_notes(r),
             ]
         )
     return out
@@ -218,11 +238,17 @@ def machine_line(report: dict[str, Any]) -> str:
         if p.get("separated")
         else "SUT and generator share CPUs"
     )
+    code = m.get("code", {})
+    commit = (
+        f"; code at {code['commit'][:12]}{' with local changes' if code.get('dirty') else ''}"
+        if code.get("commit")
+        else ""
+    )
     return (
         f"{m['cpus']} CPU ({m['cpu_model']}), {m['memory_bytes'] / 2**30:.0f} GiB, "
         f"{m['kernel']}, Python {m['python']}, grpcio {m['packages'].get('grpcio')}, "
         f"mosquitto {m['mosquitto']}; 1-min load average {m['loadavg_start'][0]} at start, "
-        f"{m.get('loadavg_end', ['?'])[0]} at end; {pin}"
+        f"{m.get('loadavg_end', ['?'])[0]} at end; {pin}{commit}"
     )
 
 
@@ -260,18 +286,32 @@ STANDARD_NOTES = (
     "Open loop: every batch has a scheduled send time; senders never wait for acks. Latency is "
     "subscriber receipt time minus the scheduled send time (perf_counter_ns, one process), so "
     "time a batch spent waiting to be sent counts (no coordinated omission).",
-    "generator_send_lag_ms per row is how late the generator itself sent (asyncio timer "
-    "wake-ups, ~1 ms granularity); it is included in every path's latency alike.",
+    "Every expected delivery has a latency sample. A batch the generator could not send before "
+    "sending stopped (the run's end plus max(drain, 1 s)) is recorded at stop - scheduled for "
+    "each viewer it would have reached; a batch sent but not received when the drain ended is "
+    "recorded at drain end - scheduled (or when it was 60 s overdue). Those samples are lower "
+    "bounds, and a percentile that reaches them is printed with '≥' (latency_lower_bound in "
+    "the JSON). A step with any batch not sent or not delivered does not pass 'sustainable'.",
+    "Generator-bound: the load generator used >= 85% of its CPU, or its event loop ran a 10 ms "
+    "timer more than 5 ms late at p99 (generator_loop_lag_ms). Such a row measures the "
+    "generator as much as the system: its latency overstates the system's, its throughput "
+    "understates it, and it is never taken as a ceiling; ratios against it are bounds.",
+    "generator_send_lag_ms per row is how late the generator wrote each batch (asyncio timer "
+    "wake-ups, its loop, and a write blocked by the server's flow control on the same stream); "
+    "it is included in every path's latency alike.",
     "Each path runs on its own (unless the scenario says parallel_paths) with identical "
     "VitalsBatch bytes: gRPC paths send them as PublishVitalsRequest field 1, MQTT publishes "
     "them bare. Patients share `connections` client connections; every patient has its own "
     "stream (gRPC) or topic (MQTT).",
-    "not sent = batches scheduled but not yet sent when sending stopped (drain time after "
-    "the run's end): the server pushing back (gRPC flow control) or the generator saturated "
-    "— see gen CPU %. undelivered (`lost`) = deliveries expected (sent x viewers) that had "
-    "not arrived when the drain ended (at least drain_s, longer while deliveries still came, "
-    "at most 10 s). drops = what the server itself reported dropping (edge gap events, echo "
-    "counter, Mosquitto $SYS/broker/publish/messages/dropped).",
+    "not sent = batches scheduled but not sent when sending stopped: the server pushing back "
+    "(gRPC flow control) or the generator saturated — see gen CPU % and notes. undelivered "
+    "(`lost`) = deliveries expected (sent x viewers) that had not arrived when the drain ended "
+    "(at least drain_s, longer while deliveries still came, at most 10 s). late = delivered "
+    "later than the scenario's p99 limit. drops = what the server itself reported dropping "
+    "(edge gap events, echo counter, Mosquitto $SYS/broker/publish/messages/dropped). For the "
+    "edge, `server` holds its own /metrics counters over the step; 'edge had not read N when "
+    "sending stopped' means N batches were written but still queued in HTTP/2 flow-control "
+    "windows and socket buffers: the edge falling behind without signalling it.",
     "CPU % is process CPU time over the step's wall time (100% = one core); SUT CPU sums the "
     "system-under-test processes (core + edge, echo, or mosquitto).",
 )
@@ -292,10 +332,10 @@ def base_report(
     notes: Sequence[str] = (),
 ) -> dict[str, Any]:
     auto = [
-        f"{r['name']}: the load generator used {r['generator_cpu_percent']:.0f}% of its CPU, "
-        "so this row may measure the generator's limit rather than the system's."
+        f"{r['name']}: generator-bound ({'; '.join(r['generator_bound']['reasons'])}), so "
+        "this row measures the generator's limit as much as the system's."
         for r in rows
-        if r["generator_cpu_percent"] >= 85
+        if is_generator_bound(r)
     ]
     if any(r.get("viewer_tokens") == "minted" for r in rows):
         auto.append(
@@ -329,6 +369,10 @@ def path_figures(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "delivered_batches_per_s": round(r["delivered_batches_per_s"], 1),
             "offered_batches_per_s": round(r["offered_batches_per_s"], 1),
             "latency_ms": r["latency_ms"],
+            "latency_lower_bound": r.get("latency_lower_bound", {}),
+            "generator_bound": is_generator_bound(r),
+            "not_sent": r.get("not_sent", r["scheduled"] - r["sent"]),
+            "late": r.get("late", 0),
             "lost": r["lost"],
             "loss_ratio": r["loss_ratio"],
             "drops": r["drops"],

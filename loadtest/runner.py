@@ -207,6 +207,8 @@ def specs_for(
                 bisect_steps=2 if sc.steps else 0,
                 stop_after_failures=2 if sc.steps else 0,
                 retry_failures=bool(sc.steps),
+                late_ms=sc.p99_limit_ms,
+                video_calls=sc.video_calls if path == "edge" else 0,
             )
         )
     return specs

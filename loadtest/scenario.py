@@ -38,7 +38,8 @@ class Scenario:
     steps: tuple[int, ...] = ()
     # A step passes when its p99 is under this and nothing is lost; used to find saturation.
     p99_limit_ms: float = 50.0
-    # Video calls per patient; reserved for the video scenarios (issue 7), must be 0 for now.
+    # Two-way video calls (640x480@30, patient <-> clinician through the edge, aiortc peers)
+    # held for every step alongside the vitals load; their figures go with the edge's rows.
     video_calls: int = 0
     paths: tuple[str, ...] = PATHS
     # Run the paths at the same time instead of one after another (light loads only).
@@ -47,6 +48,11 @@ class Scenario:
     connections: int = 8
     # Seconds to wait after the last send for late deliveries before counting loss.
     drain_s: float = 3.0
+    # A placement run after the load (0 edges = none): Opens timed against a core holding
+    # this many registered edges and live sessions (the bench's is 1,000 and 100,000).
+    placement_edges: int = 0
+    placement_sessions: int = 0
+    placement_opens: int = 100
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -97,9 +103,12 @@ _LIMITS: dict[str, tuple[float, float, bool]] = {
     "duration_s": (1, 86_400, False),
     "ramp_s": (0, 86_400, False),
     "p99_limit_ms": (0.1, 60_000, False),
-    "video_calls": (0, 0, True),
+    "video_calls": (0, 64, True),
     "connections": (1, 1024, True),
     "drain_s": (0, 600, False),
+    "placement_edges": (0, 10_000, True),
+    "placement_sessions": (0, 1_000_000, True),
+    "placement_opens": (1, 100_000, True),
 }
 
 
@@ -120,8 +129,6 @@ def parse_scenario(data: Any, where: str, default_name: str = "") -> Scenario:
     for key, (lo, hi, integer) in _LIMITS.items():
         if key in data:
             values[key] = _number(where, key, data[key], lo=lo, hi=hi, integer=integer)
-    if "video_calls" in data and values["video_calls"] != 0:
-        raise ScenarioError(f"{where}: video_calls must be 0 until the video path exists")
     if "steps" in data:
         steps = data["steps"]
         if not isinstance(steps, list) or not steps:
@@ -142,6 +149,12 @@ def parse_scenario(data: Any, where: str, default_name: str = "") -> Scenario:
             raise ScenarioError(f"{where}: parallel_paths must be true or false")
         values["parallel_paths"] = data["parallel_paths"]
     sc = Scenario(**values)
+    if sc.video_calls and "edge" not in sc.paths:
+        raise ScenarioError(f"{where}: video_calls need the edge path (calls go through an edge)")
+    if sc.video_calls > sc.max_patients:
+        raise ScenarioError(f"{where}: video_calls cannot exceed the number of patients")
+    if sc.placement_sessions and not sc.placement_edges:
+        raise ScenarioError(f"{where}: placement_sessions needs placement_edges")
     if sc.vitals_rate_hz > sc.batch_rate_hz:
         raise ScenarioError(f"{where}: vitals_rate_hz cannot exceed batch_rate_hz (one per batch)")
     if sc.ecg_hz == 0 and sc.vitals_rate_hz == 0:

@@ -19,6 +19,7 @@ from loadtest.generator import (
     step_result,
 )
 from loadtest.plots import all_plots
+from loadtest.recording import Segment
 from loadtest.report import (
     README_END,
     README_START,
@@ -33,7 +34,9 @@ from loadtest.report import (
 )
 
 
-def _step(patients: int, delivered_us: list[int], lost: int = 0) -> dict[str, Any]:
+def _step(
+    patients: int, delivered_us: list[int], lost: int = 0, gen_cpu: float = 24.0
+) -> dict[str, Any]:
     rec = StepRecorder(0, patients, patients * 25.0, t0_ns=0)
     for i, us in enumerate(delivered_us):
         sched = i * 40_000_000
@@ -43,9 +46,11 @@ def _step(patients: int, delivered_us: list[int], lost: int = 0) -> dict[str, An
     rec.scheduled += lost
     for _ in range(lost):
         rec.on_sent(0, 1, 0)
+        rec.on_undelivered(0, 3_000_000_000)
     cpu = {"edge": {"user_s": 1.0, "system_s": 0.5, "cpu_percent": 30.0, "rss_mib": 100.0},
-           "generator": {"user_s": 1.0, "system_s": 0.2, "cpu_percent": 24.0, "rss_mib": 60.0}}  # fmt: skip
-    return step_result(rec, StepSpec(patients, 5.0), 5.0, 0, cpu, [{"edge": 100.0}])
+           "generator": {"user_s": 1.0, "system_s": 0.2, "cpu_percent": gen_cpu, "rss_mib": 60.0}}  # fmt: skip
+    rss = [(float(t), {"edge": 100.0 + t, "generator": 60.0}) for t in range(6)]
+    return step_result(rec, StepSpec(patients, 5.0), 5.0, 0, cpu, rss)
 
 
 def _result(label: str, steps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -55,20 +60,31 @@ def _result(label: str, steps: list[dict[str, Any]]) -> dict[str, Any]:
         "setup_s": 0.5,
         "payload_bytes": [101, 139],
         "steps": steps,
-    }
+        "memory_growth": {"edge": {"first_mib": 100.0, "last_mib": 103.0, "growth_mib": 3.0,
+                                   "growth_percent": 3.0, "slope_mib_per_h": 1.0,
+                                   "window_s": 1.0, "span_s": 5.0, "samples": 6}},
+    }  # fmt: skip
 
 
 def test_step_result_counts_latency_and_loss() -> None:
     s = _step(10, [1000, 2000, 3000, 40_000], lost=1)
     assert (s["sent"], s["expected"], s["delivered"], s["lost"]) == (5, 5, 4, 1)
     assert s["loss_ratio"] == pytest.approx(0.2)
-    assert s["latency_ms"]["p50"] == pytest.approx(2.0, rel=0.01)
-    assert s["latency_ms"]["max"] == pytest.approx(40.0, rel=0.01)
+    # Five samples: 1, 2, 3, 40 ms delivered and the undelivered one at >= 3 s.
+    assert s["latency_ms"]["p50"] == pytest.approx(3.0, rel=0.01)
+    # The undelivered one counts at its lower bound (3 s), so max is one too.
+    assert s["latency_ms"]["max"] == pytest.approx(3000.0, rel=0.01)
+    assert s["latency_lower_bound"]["max"] and not s["latency_lower_bound"]["p50"]
     assert s["generator_send_lag_ms"]["p50"] == pytest.approx(0.5, rel=0.02)
     assert s["latency_cdf_ms"][-1][1] == 100.0
     assert not step_passes(s, 50.0)  # one batch lost
     assert step_passes(_step(10, [1000, 2000]), 50.0)
     assert not step_passes(_step(10, [1000, 60_000]), 50.0)
+    assert s["memory_growth"]["edge"]["growth_mib"] > 0
+    assert (
+        not s["generator_bound"]["bound"]
+        and _step(10, [1], gen_cpu=95.0)["generator_bound"]["bound"]
+    )
 
 
 def test_rows_hold_every_figure_and_only_finite_numbers() -> None:
@@ -98,7 +114,7 @@ def test_duplicates_are_not_counted_as_deliveries() -> None:
     swarm = Swarm(spec)
     swarm.patients = [swarm.new_patient(0, "s")]
     rec = StepRecorder(0, 1, 25.0, 0)
-    swarm.patients[0].sched.append((0, rec))
+    swarm.patients[0].segments.append(Segment(1, 0, 40_000_000, 1, rec, sent=1))
     swarm.deliver(0, 0, 1, 1_000_000)
     swarm.deliver(0, 0, 1, 2_000_000)
     swarm.deliver(0, 0, 7, 2_000_000)  # never sent
@@ -126,15 +142,70 @@ def test_bench_figures_and_goals() -> None:
     placement = {"edges": 1000, "live_sessions": 100_000,
                  "latency_ms": {"p50": 1.0, "p99": 2.0, "p999": 3.0, "max": 4.0}}  # fmt: skip
     figs, goals = figures_and_goals(rows, ramp_rows, placement)
-    assert figs["issue2"]["100_patients"]["edge_to_echo_throughput_ratio"] == 1.0
+    # Neither path saturated at equal load: the ratio is 1 and says nothing about capacity.
+    eq = figs["issue2"]["100_patients"]["edge_to_echo_throughput_ratio"]
+    assert (eq["value"], eq["bound"]) == (1.0, "not_saturated")
     assert set(figs["issue2"]["500_patients"]) >= {"edge", "echo", "mqtt-qos0", "mqtt-qos1"}
-    assert figs["max_sustainable_p99_under_50ms"]["edge"]["patients"] == 20
-    assert figs["max_sustainable_p99_under_50ms"]["echo"]["patients"] == 40
-    assert figs["max_sustainable_edge_to_echo_ratio"] == 0.5
+    q1 = figs["issue2"]["100_patients"]["edge_vs_mqtt-qos1"]
+    assert q1["edge_p99_ms"] == q1["mqtt-qos1_p99_ms"] and q1["edge_p99_no_worse"] is True
+    sat = figs["max_sustainable_p99_under_50ms"]
+    assert (sat["edge"]["patients"], sat["edge"]["kind"]) == (20, "ceiling")
+    assert (sat["echo"]["patients"], sat["echo"]["kind"]) == (40, "ceiling")
+    r = figs["max_sustainable_edge_to_echo_ratio"]
+    assert (r["value"], r["bound"]) == (0.5, "exact")
     by_name = {g.name: g for g in goals}
     assert by_name["edge p99 at 100 patients"].met is True
+    assert by_name["edge delivered/s as share of echo (100 patients)"].met is None
     assert by_name["edge max sustainable as share of echo's"].met is False
+    assert by_name["Open p99, 1,000 edges + 100,000 live sessions"].met is False  # 2 ms >= 1 ms
     assert max_sustainable([], "edge")["batches_per_s"] == 0.0
+
+
+def test_a_generator_bound_failure_makes_the_maximum_a_lower_bound_and_the_ratio_a_bound() -> None:
+    rows, _ = _bench_rows()
+    ramp = [
+        _result("edge", [_step(20, [1000]), _step(40, [90_000])]),
+        # The echo's first failing level had the generator at 95%: not the echo's ceiling.
+        _result("echo", [_step(20, [1000]), _step(40, [1000]), _step(80, [70_000], gen_cpu=95.0)]),
+    ]
+    ramp_rows = rows_of(ramp)
+    for r in ramp_rows:
+        r["passes"] = step_passes(r, 50.0)
+    figs, goals = figures_and_goals(rows, ramp_rows, {})
+    echo = figs["max_sustainable_p99_under_50ms"]["echo"]
+    assert echo["kind"] == "lower_bound" and "generator-bound" in echo["why"]
+    r = figs["max_sustainable_edge_to_echo_ratio"]
+    # The echo could do more than measured: edge/echo is at most 50%, so below the 70% goal.
+    assert (r["value"], r["bound"]) == (0.5, "upper_bound")
+    assert {g.name: g for g in goals}["edge max sustainable as share of echo's"].met is False
+    body = readme_body({"figures": figs, "goals": [], "started_utc": "t", "elapsed_s": 1.0,
+                        "machine": {"cpus": 2, "cpu_model": "c", "memory_bytes": 2**30,
+                                    "kernel": "k", "python": "3", "packages": {},
+                                    "mosquitto": "2", "loadavg_start": [0.1]}}, ramp_rows)  # fmt: skip
+    assert "echo ≥1000" in body and "≤50%" in body
+    # A ramp that never failed: a lower bound too.
+    never = rows_of([_result("edge", [_step(20, [1000])])])
+    never[0]["passes"] = True
+    assert max_sustainable(never, "edge")["kind"] == "lower_bound"
+
+
+def test_generator_bound_rows_are_named_in_the_table_and_notes() -> None:
+    rows = rows_of([_result("echo", [_step(500, [1000], gen_cpu=96.0)])])
+    table = summary_table(rows)
+    assert table[0][-1] == "notes" and table[1][-1] == "generator-bound"
+    report = base_report(
+        title="t", kind="bench", machine={}, pinning={}, systems={}, scenarios=[], rows=rows,
+        started_utc="", finished_utc="", elapsed_s=1.0,
+    )  # fmt: skip
+    assert any("echo@500: generator-bound" in n for n in report["notes"])
+
+
+def test_lower_bound_latencies_are_printed_with_a_sign() -> None:
+    rows = rows_of([_result("edge", [_step(10, [1000, 2000], lost=3)])])
+    table = summary_table(rows)
+    p99, mx = table[1][5], table[1][7]
+    assert p99.startswith("≥") and mx.startswith("≥")
+    assert not table[1][4].startswith("≥") or rows[0]["latency_lower_bound"]["p50"]
 
 
 def test_report_files_and_readme_table(tmp_path: Path) -> None:
