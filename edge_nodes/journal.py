@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS forwarded (
 );
 INSERT OR IGNORE INTO forwarded (id, position) VALUES (1, 0);
 """
+# A resuming view reads one session's seqs without scanning every session's batches.
+INDEXES = "CREATE INDEX IF NOT EXISTS journal_session_seq ON journal (session_id, seq);"
 # Entries kept in memory for forwarding (25 batches/s x 500 patients for ~16 s).
 TAIL_MAX = 200_000
 PRUNE_EVERY_S = 10.0
@@ -79,6 +81,7 @@ class Journal:
                 self._db.execute(
                     "ALTER TABLE journal ADD COLUMN rejected INTEGER NOT NULL DEFAULT 0"
                 )
+        self._db.executescript(INDEXES)
         self._pending: list[tuple[str, str, int, int, bytes, int]] = []
         self._group: asyncio.Future[None] | None = None
         self._tail: deque[JournalEntry] = deque()
@@ -169,6 +172,31 @@ class Journal:
                 "SELECT position, session_id, patient_id, seq, edge_received_unix_ns, batch,"
                 " rejected FROM journal WHERE position > ? ORDER BY position LIMIT ?",
                 (position, limit),
+            ).fetchall()
+        finally:
+            db.close()
+        return [JournalEntry(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in rows]
+
+    def session_seqs(self, session_id: str, after_seq: int) -> set[int]:
+        """Every seq of the session above after_seq held here, tombstones included."""
+        db = sqlite3.connect(self.path)
+        try:
+            rows = db.execute(
+                "SELECT seq FROM journal WHERE session_id = ? AND seq > ?", (session_id, after_seq)
+            ).fetchall()
+        finally:
+            db.close()
+        return {int(r[0]) for r in rows}
+
+    def read_session(self, session_id: str, after_seq: int, limit: int) -> list[JournalEntry]:
+        """The session's entries with seq above after_seq, in seq order (from disk: run it in
+        a worker thread). Everything fanned out is on disk already: it is committed first."""
+        db = sqlite3.connect(self.path)
+        try:
+            rows = db.execute(
+                "SELECT position, session_id, patient_id, seq, edge_received_unix_ns, batch,"
+                " rejected FROM journal WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (session_id, after_seq, limit),
             ).fetchall()
         finally:
             db.close()

@@ -65,6 +65,8 @@ class LatestVitals:
     heart_rate_bpm: Observation | None = None
     consciousness: Observation | None = None
     temperature_c: Observation | None = None
+    # Not a NEWS2 parameter, kept so a new view can show the whole latest blood pressure.
+    diastolic_mmhg: Observation | None = None
 
     def update(
         self,
@@ -77,6 +79,7 @@ class LatestVitals:
         temperature_c: float | None = None,
         consciousness: int = 0,
         oxygen_support: int = 0,
+        diastolic_mmhg: float | None = None,
     ) -> None:
         """Take one reading; per parameter, a reading older than the one held is ignored.
 
@@ -90,6 +93,7 @@ class LatestVitals:
         self.respiration_rate_bpm = _newer(self.respiration_rate_bpm, respiration_rate_bpm, t)
         self.systolic_mmhg = _newer(self.systolic_mmhg, systolic_mmhg, t)
         self.temperature_c = _newer(self.temperature_c, temperature_c, t)
+        self.diastolic_mmhg = _newer(self.diastolic_mmhg, diastolic_mmhg, t)
         if consciousness:
             self.consciousness = _newer(self.consciousness, float(consciousness), t)
         if oxygen_support:

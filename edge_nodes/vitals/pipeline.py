@@ -143,6 +143,7 @@ class SessionChannel:
                     temperature_c=v.temperature_c if v.HasField("temperature_c") else None,
                     consciousness=int(v.consciousness),
                     oxygen_support=int(v.oxygen_support),
+                    diastolic_mmhg=v.diastolic_mmhg if v.HasField("diastolic_mmhg") else None,
                 )
             events.extend(self._score(batch.seq, now_ns))
         for i, w in enumerate(batch.waveforms):
@@ -281,8 +282,50 @@ class SessionChannel:
 
     # -- subscribers ----------------------------------------------------------------------
 
+    def latest_vitals(self) -> Event | None:
+        """The latest value of every field as one batch event with seq 0 (not a published
+        batch): one reading per distinct measurement time, so each value keeps its own
+        device time and a view shows its true age. None before any reading."""
+        lv = self.latest
+        fields = (
+            ("heart_rate_bpm", lv.heart_rate_bpm),
+            ("spo2_percent", lv.spo2_percent),
+            ("respiration_rate_bpm", lv.respiration_rate_bpm),
+            ("systolic_mmhg", lv.systolic_mmhg),
+            ("diastolic_mmhg", lv.diastolic_mmhg),
+            ("temperature_c", lv.temperature_c),
+            ("consciousness", lv.consciousness),
+            ("oxygen_support", lv.oxygen_support),
+        )
+        readings: dict[int, vitals_pb2.VitalSigns] = {}
+        for name, obs in fields:
+            if obs is None:
+                continue
+            v = readings.get(obs.measured_unix_ns)
+            if v is None:
+                v = readings[obs.measured_unix_ns] = vitals_pb2.VitalSigns(
+                    device_time_unix_ns=obs.measured_unix_ns
+                )
+            if name in ("consciousness", "oxygen_support"):
+                setattr(v, name, int(obs.value))
+            else:
+                setattr(v, name, obs.value)
+        if not readings:
+            return None
+        batch = vitals_pb2.VitalsBatch(
+            session_id=self.session_id,
+            seq=0,
+            device_time_unix_ns=max(readings),
+            vitals=[readings[t] for t in sorted(readings)],
+        )
+        return Event(session_id=self.session_id, edge_received_unix_ns=time.time_ns(), batch=batch)
+
     def subscribe(self, sub: Subscriber[Event], include_latest: bool) -> None:
         if include_latest:
+            # Vitals first, then what was computed from them: a new view is never blank.
+            snapshot = self.latest_vitals()
+            if snapshot is not None:
+                sub.offer(snapshot)
             for kind in ("news2", "derived_heart_rate", "alert"):
                 if kind in self.last_event:
                     sub.offer(self.last_event[kind])

@@ -20,6 +20,9 @@ from telehealth.v1 import vitals_pb2, vitals_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+# Journal entries read per step of a resume's replay.
+REPLAY_PAGE = 256
+
 
 class _PublishStream:
     """What one publish stream owes its device: the reader fills it in, the response
@@ -224,10 +227,20 @@ class VitalsServicer(vitals_pb2_grpc.VitalsServiceServicer):
         sub: Subscriber[Event] = Subscriber(
             self._subscriber_queue, on_drop=lambda n: m.fanout_dropped.inc(n)
         )
+        # Live events queue up from here on, so the replay below and the live events
+        # overlap rather than leave a hole between them.
         channel.subscribe(sub, request.include_latest)
         m.subscribers.inc()
         log.info("subscriber joined", extra={"session": channel.session_id})
+        resume_after = request.resume_after_seq
         try:
+            # Seqs replayed from the journal: their live copies (committed before the
+            # replay read them, fanned out after this view joined) are skipped once.
+            replayed: set[int] = set()
+            if resume_after:
+                async for ev in self._replay(channel, resume_after, replayed):
+                    yield ev
+                    m.events_out.inc()
             while True:
                 try:
                     dropped, events = await sub.take()
@@ -244,11 +257,74 @@ class VitalsServicer(vitals_pb2_grpc.VitalsServiceServicer):
                     )
                 for ev in events:
                     if ev.HasField("batch"):
+                        seq = ev.batch.seq
+                        # seq 0 is the latest-values snapshot, not a published batch.
+                        if seq and (seq <= resume_after or seq in replayed):
+                            continue
                         m.sample_age.observe(
                             max(0.0, (time.time_ns() - ev.batch.device_time_unix_ns) / 1e9)
                         )
                     yield ev
                     m.events_out.inc()
+                # Every live copy of a replayed batch was queued before the replay ended,
+                # so the first take held them all.
+                replayed.clear()
         finally:
             channel.fanout.remove(sub)
             m.subscribers.dec()
+
+    async def _replay(
+        self, channel: SessionChannel, after: int, replayed: set[int]
+    ) -> AsyncIterator[vitals_pb2.SubscribeVitalsResponse]:
+        """The journaled batches with seq > after, in seq order; first one gap naming the
+        seqs up to the received watermark that this edge does not hold (journaled on
+        another edge before a move, or pruned once archived): the archive has those."""
+        sid = channel.session_id
+        upto = channel.received.value
+        held = await asyncio.to_thread(self._journal.session_seqs, sid, after)
+        missing = _missing(after, upto, held)
+        if missing is not None:
+            first, last = missing
+            yield vitals_pb2.SubscribeVitalsResponse(
+                session_id=sid,
+                edge_received_unix_ns=time.time_ns(),
+                gap=vitals_pb2.SubscriptionGap(
+                    first_missing_seq=first,
+                    last_missing_seq=last,
+                    reason=f"edge {self._sessions.edge_id} does not hold seqs {first}-{last}; "
+                    "read them from the archive (ArchiveService.QueryVitals)",
+                ),
+            )
+        cursor = after
+        while True:
+            entries = await asyncio.to_thread(self._journal.read_session, sid, cursor, REPLAY_PAGE)
+            for e in entries:
+                cursor = e.seq
+                # Tombstones are consumed seqs with nothing to show; a seq journaled twice
+                # (this edge restarted, or the session came back) is shown once.
+                if e.rejected or e.seq in replayed:
+                    continue
+                replayed.add(e.seq)
+                yield vitals_pb2.SubscribeVitalsResponse(
+                    session_id=sid,
+                    edge_received_unix_ns=e.edge_received_unix_ns,
+                    batch=vitals_pb2.VitalsBatch.FromString(e.batch),
+                )
+            if len(entries) < REPLAY_PAGE:
+                return
+
+
+def _missing(after: int, upto: int, held: set[int]) -> tuple[int, int] | None:
+    """The first and last seq in (after, upto] not in held, or None when all are held."""
+    if upto <= after:
+        return None
+    inside = sum(1 for s in held if after < s <= upto)
+    if inside == upto - after:
+        return None
+    first = after + 1
+    while first in held:
+        first += 1
+    last = upto
+    while last in held:
+        last -= 1
+    return first, last

@@ -191,3 +191,137 @@ async def test_moving_tells_publisher_and_viewers_and_serves_until_released(
         assert "moved to edge edge-b" in (err.value.details() or "")
     # Moving a session this edge does not serve is a no-op, not an error.
     await edge.sessions.moving("ses_unknown", "edge-b", "drain")
+
+
+async def batch_seqs(
+    sub: grpc.aio.UnaryStreamCall[Any, vitals_pb2.SubscribeVitalsResponse],
+    last: int,
+    gaps: list[vitals_pb2.SubscriptionGap] | None = None,
+) -> list[int]:
+    """Seqs of the batch events up to `last` (gaps collected on the side)."""
+    seen: list[int] = []
+    while not seen or seen[-1] != last:
+        ev = await sub.read()
+        assert isinstance(ev, vitals_pb2.SubscribeVitalsResponse), "stream ended"
+        if ev.HasField("batch"):
+            seen.append(ev.batch.seq)
+        elif ev.HasField("gap") and gaps is not None:
+            gaps.append(ev.gap)
+    return seen
+
+
+async def test_resume_replays_then_goes_live_without_dup_or_hole(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    edge = await edge_factory()
+    opened = await open_session(core, channel_to)
+    sid = opened.session.session_id
+    vitals = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
+    token = await viewer_token(core, channel_to, sid)
+    n = 400
+    feed = Feed()
+    pub = vitals.Publish(feed.requests(), metadata=bearer(opened.assignment.token))
+    acked = 0
+
+    async def publish() -> None:
+        # Steadily, so views join while batches are being taken: the seam is exercised.
+        nonlocal acked
+        for seq in range(1, n + 1):
+            feed.send(make_batch(sid, seq))
+            if seq % 8 == 0:
+                while acked < seq:
+                    acked = (await read_ack(pub)).received_seq
+        feed.close()
+
+    publisher = asyncio.create_task(publish())
+    views = []
+    for after in (3, 60, 150):
+
+        def reached(target: int = after + 20) -> bool:
+            return acked >= target
+
+        await eventually(reached, what=f"{after + 20} acked")
+        views.append(
+            (
+                after,
+                vitals.Subscribe(
+                    vitals_pb2.SubscribeVitalsRequest(session_id=sid, resume_after_seq=after),
+                    metadata=bearer(token),
+                ),
+            )
+        )
+    await publisher
+    for after, view in views:
+        gaps: list[vitals_pb2.SubscriptionGap] = []
+        # Journal replay, then live: every seq after the resume point once, in order.
+        assert await batch_seqs(view, n, gaps) == list(range(after + 1, n + 1))
+        assert gaps == []
+        view.cancel()
+
+
+async def test_resume_names_what_this_edge_cannot_replay(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    edge = await edge_factory()
+    opened = await open_session(core, channel_to)
+    sid = opened.session.session_id
+    await eventually(lambda: sid in edge.sessions.assignments, what="assignment")
+    # As when the core places a session here after another edge archived seqs 1-5: this
+    # edge starts from the archived watermark and never holds those seqs.
+    await edge.sessions.assign(sid, 1, archived_seq=5, patient_id="p-1")
+    vitals = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
+    # Seq 8 is refused (pulse 900): journaled as a tombstone.
+    batches = [make_batch(sid, s, hr=900 if s == 8 else 72) for s in range(6, 11)]
+    acks = [
+        r async for r in vitals.Publish(requests(batches), metadata=bearer(opened.assignment.token))
+    ]
+    assert acks[-1].received_seq == 10
+    view = vitals.Subscribe(
+        vitals_pb2.SubscribeVitalsRequest(session_id=sid, resume_after_seq=2),
+        metadata=bearer(await viewer_token(core, channel_to, sid)),
+    )
+    first = await view.read()
+    assert isinstance(first, vitals_pb2.SubscribeVitalsResponse)
+    assert first.HasField("gap")
+    assert (first.gap.first_missing_seq, first.gap.last_missing_seq) == (3, 5)
+    assert "archive" in first.gap.reason
+    # The tombstone (seq 8) is a consumed seq with nothing to show: skipped, not missing.
+    assert await batch_seqs(view, 10) == [6, 7, 9, 10]
+    view.cancel()
+
+
+async def test_include_latest_replays_each_value_with_its_own_time(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    edge = await edge_factory()
+    opened = await open_session(core, channel_to)
+    sid = opened.session.session_id
+    full = make_batch(sid, 1)
+    t_full = full.vitals[0].device_time_unix_ns
+    # A later reading of heart rate alone: the view must keep the other fields' older time.
+    pulse = vitals_pb2.VitalsBatch(session_id=sid, seq=2, device_time_unix_ns=t_full + 10**9)
+    pulse.vitals.add(device_time_unix_ns=t_full + 10**9, heart_rate_bpm=101)
+    vitals = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
+    acks = [
+        r
+        async for r in vitals.Publish(
+            requests([full, pulse]), metadata=bearer(opened.assignment.token)
+        )
+    ]
+    assert acks[-1].received_seq == 2
+    view = vitals.Subscribe(
+        vitals_pb2.SubscribeVitalsRequest(session_id=sid, include_latest=True),
+        metadata=bearer(await viewer_token(core, channel_to, sid)),
+    )
+    snap = await next_event(view, "batch")
+    assert snap.batch.seq == 0  # not a published batch: the latest value of each field
+    older, newer = snap.batch.vitals
+    assert (older.device_time_unix_ns, newer.device_time_unix_ns) == (t_full, t_full + 10**9)
+    assert newer.heart_rate_bpm == 101 and not newer.HasField("spo2_percent")
+    assert not older.HasField("heart_rate_bpm")
+    assert (older.spo2_percent, older.systolic_mmhg, older.diastolic_mmhg) == (97, 120, 80)
+    assert older.consciousness == vitals_pb2.CONSCIOUSNESS_ALERT
+    assert older.oxygen_support == vitals_pb2.OXYGEN_SUPPORT_AIR
+    news2 = await next_event(view, "news2")
+    assert news2.news2.seq == 2 and news2.news2.total == 1  # pulse 101 scores 1
+    view.cancel()
