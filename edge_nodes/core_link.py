@@ -130,6 +130,11 @@ class CoreLink:
             r = resp.released
             await self._sessions.release(r.session_id, r.reason, r.new_edge_id, r.new_edge_address)
             log.info("session released", extra={"session": r.session_id, "reason": r.reason})
+        elif kind == "moving":
+            m = resp.moving
+            # Make-before-break: the publisher and viewers hear where to go; this edge keeps
+            # serving them until the core's release follows.
+            await self._sessions.moving(m.session_id, m.new_edge_id, m.reason)
         elif kind == "drain":
             self._sessions.draining = resp.drain.draining
             log.info("drain state changed", extra={"draining": resp.drain.draining})

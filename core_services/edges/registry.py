@@ -41,6 +41,16 @@ class ReleaseSession:
 
 
 @dataclass(frozen=True)
+class MoveSession:
+    """The session is moving off this edge make-before-break: warn its publisher and viewers,
+    keep serving them until ReleaseSession follows."""
+
+    session_id: str
+    new_edge_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class SetDraining:
     draining: bool
 
@@ -58,7 +68,7 @@ class EndStream:
     reason: str
 
 
-Command = AssignSession | ReleaseSession | SetDraining | PushTokenKeys | EndStream
+Command = AssignSession | ReleaseSession | MoveSession | SetDraining | PushTokenKeys | EndStream
 
 
 @dataclass
@@ -191,6 +201,11 @@ class EdgeRegistry:
 
     def _may_serve(self, edge_id: str) -> bool:
         return self.discovered_ready is None or edge_id in self.discovered_ready
+
+    def holds(self, edge_id: str) -> bool:
+        """Does this replica hold the edge's heartbeat stream?"""
+        e = self.edges.get(edge_id)
+        return e is not None and e.outbox is not None
 
     def is_current(self, edge_id: str, stream_token: object) -> bool:
         """Is this the edge's live stream here (not one the core ended or a newer one replaced)?"""

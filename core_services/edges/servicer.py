@@ -13,6 +13,7 @@ from core_services.edges.registry import (
     Command,
     EdgeRegistry,
     EndStream,
+    MoveSession,
     PushTokenKeys,
     ReleaseSession,
     SetDraining,
@@ -55,6 +56,13 @@ class EdgesServicer(edges_pb2_grpc.EdgesServiceServicer):
                     new_edge_address=c.new_edge_address,
                 ),
             )
+        if isinstance(c, MoveSession):
+            return edges_pb2.HeartbeatResponse(
+                sent_unix_ns=now,
+                moving=edges_pb2.SessionMovingCommand(
+                    session_id=c.session_id, new_edge_id=c.new_edge_id, reason=c.reason
+                ),
+            )
         if isinstance(c, PushTokenKeys):
             return self._keys_pb()
         assert isinstance(c, SetDraining)
@@ -94,6 +102,8 @@ class EdgesServicer(edges_pb2_grpc.EdgesServiceServicer):
         yield self._keys_pb()
         for s in self._directory.sessions_on(edge_id):
             yield self._command_pb(await self._directory.assignment_command(s))
+        for m in self._directory.moves_from(edge_id):
+            yield self._command_pb(m)  # moves it may have missed while away
         if entry.draining:
             yield self._command_pb(SetDraining(True))
 
@@ -140,23 +150,27 @@ class EdgesServicer(edges_pb2_grpc.EdgesServiceServicer):
             cpu_percent=req.load.cpu_percent,
             batches_in_total=req.load.batches_in_total,
         )
-        for r in req.sessions:
-            self._directory.apply_report(
-                req.edge_id,
-                r.session_id,
-                LiveReport(
-                    last_seq=r.last_seq,
-                    news2_total=r.news2_total,
-                    news2_band=int(r.news2_band),
-                    news2_unix_ns=r.news2_unix_ns,
-                    subscribers=r.subscribers,
-                    publishers=r.publishers,
-                    assigned=r.assigned,
-                ),
-            )
-        # Whatever it holds that the directory places elsewhere (or closed) is let go now,
-        # so its device moves on at once instead of streaming to the wrong edge.
-        await self._directory.reconcile(req.edge_id, [r.session_id for r in req.sessions])
+        # Whatever it holds that the directory places elsewhere (or closed) is let go there
+        # (apply_heartbeat reconciles), so its device moves on at once.
+        await self._directory.apply_heartbeat(
+            req.edge_id,
+            token,
+            [
+                (
+                    r.session_id,
+                    LiveReport(
+                        last_seq=r.last_seq,
+                        news2_total=r.news2_total,
+                        news2_band=int(r.news2_band),
+                        news2_unix_ns=r.news2_unix_ns,
+                        subscribers=r.subscribers,
+                        publishers=r.publishers,
+                        assigned=r.assigned,
+                    ),
+                )
+                for r in req.sessions
+            ],
+        )
 
     async def ListEdges(
         self, request: edges_pb2.ListEdgesRequest, context: Context

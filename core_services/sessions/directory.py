@@ -14,7 +14,7 @@ from typing import Any
 
 from core_services.archive.archive import Archive
 from core_services.bus import Bus, LocalBus
-from core_services.edges.registry import AssignSession, EdgeRegistry, ReleaseSession
+from core_services.edges.registry import AssignSession, EdgeRegistry, MoveSession, ReleaseSession
 from core_services.sessions.domain import (
     LiveReport,
     NoEdgeAvailable,
@@ -24,7 +24,13 @@ from core_services.sessions.domain import (
     choose_edge,
 )
 from core_services.store import SqlStore
-from telehealth.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from telehealth.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from telehealth.security.tokens import TokenIssuer
 from telehealth.telemetry.metrics import CoreMetrics
 
@@ -33,6 +39,8 @@ log = logging.getLogger(__name__)
 MAX_ID_LEN = 128
 # How long a move waits for the new edge to confirm it holds the assignment.
 READY_TIMEOUT_S = 2.0
+# Edges a make-before-break move tries before it gives up (the session then stays put).
+MOVE_ATTEMPTS = 3
 # How long the old edge keeps a moving device's stream if the device never shows up anew.
 HANDOVER_TIMEOUT_S = 10.0
 WATCH_QUEUE = 4096
@@ -70,6 +78,23 @@ class Assignment:
 
 class WatcherFellBehind(ResourceExhausted):
     pass
+
+
+class MoveNotConfirmed(Unavailable):
+    """No new edge confirmed it holds the session in time: the session stays where it was."""
+
+
+@dataclass
+class Handover:
+    """A make-before-break move under way: both edges may hold the session meanwhile."""
+
+    old_edge: str
+    new_edge: str
+    reason: str
+    deadline: float
+    # The directory (store) places the session on new_edge: the old edge has been (or, if
+    # it reconnects, is again) told the session is moving.
+    committed: bool = False
 
 
 class _Watcher:
@@ -111,11 +136,13 @@ class SessionDirectory:
         self._waiters: dict[tuple[str, str, str], asyncio.Event] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.archive: Archive | None = None
-        # (edge, session, kind) transitions already announced to other replicas.
-        self._acked: set[tuple[str, str, str]] = set()
-        # Make-before-break moves under way: session -> (old edge, monotonic deadline). The
-        # old edge keeps the session until released, so its reports are not stale meanwhile.
-        self._handovers: dict[str, tuple[str, float]] = {}
+        # Per edge, on its current stream here: the (session, kind) acknowledgements its
+        # reports show now. Other replicas hear of each one as it appears, so one that waits
+        # for an edge it has no stream to sees it too - again when a session comes back.
+        self._acked: dict[str, tuple[object, set[tuple[str, str]]]] = {}
+        # Make-before-break moves under way, by session. Both edges keep the session until
+        # the old one is released, so neither's reports are stale meanwhile.
+        self._handovers: dict[str, Handover] = {}
         # (edge, session) -> monotonic time a reconciling release was last sent.
         self._reconciled: dict[tuple[str, str], float] = {}
         registry.on_edge_dead = self._on_edge_dead
@@ -146,7 +173,9 @@ class SessionDirectory:
         self._export()
         await self._bus.publish({"kind": "session", "event": kind.name, "session": s.to_dict()})
 
-    async def _command(self, edge_id: str, command: AssignSession | ReleaseSession) -> None:
+    async def _command(
+        self, edge_id: str, command: AssignSession | ReleaseSession | MoveSession
+    ) -> None:
         """Deliver to the edge's heartbeat stream here, or through the replica holding it."""
         if self._registry.send(edge_id, command) or not self._bus.shared:
             return
@@ -156,6 +185,8 @@ class SessionDirectory:
                 "session": command.session.to_dict(),
                 "archived_seq": command.archived_seq,
             }
+        elif isinstance(command, MoveSession):
+            body = {"command": "moving", **asdict(command)}
         else:
             body = {"command": "release", **asdict(command)}
         await self._bus.publish({"kind": "command", "edge": edge_id, **body})
@@ -171,10 +202,11 @@ class SessionDirectory:
             self._publish(EventKind[event["event"]], s)
             self._export()
         elif kind == "command":
+            cmd: AssignSession | ReleaseSession | MoveSession
             if event["command"] == "assign":
-                cmd: AssignSession | ReleaseSession = AssignSession(
-                    Session.from_dict(event["session"]), int(event["archived_seq"])
-                )
+                cmd = AssignSession(Session.from_dict(event["session"]), int(event["archived_seq"]))
+            elif event["command"] == "moving":
+                cmd = MoveSession(event["session_id"], event["new_edge_id"], event["reason"])
             else:
                 cmd = ReleaseSession(
                     event["session_id"],
@@ -187,12 +219,21 @@ class SessionDirectory:
             w = self._waiters.get((event["edge"], event["session_id"], event["what"]))
             if w is not None:
                 w.set()
+        elif kind == "expect":
+            # Another replica waits for this acknowledgement: if this replica hears the edge,
+            # its next report that shows it is news again, even if it showed it before.
+            acked = self._acked.get(event["edge"])
+            if acked is not None:
+                acked[1].discard((event["session_id"], event["what"]))
         elif kind == "edge":
             await self._registry.refresh()
         elif kind == "handover":
-            self._handovers[event["session_id"]] = (
-                event["edge"],
+            self._handovers[event["session_id"]] = Handover(
+                event["old_edge"],
+                event["new_edge"],
+                event["reason"],
                 time.monotonic() + float(event["for_s"]),
+                bool(event["committed"]),
             )
         elif kind == "handover_done":
             self._handovers.pop(event["session_id"], None)
@@ -292,6 +333,9 @@ class SessionDirectory:
             if not await self._store.move_session(s, old):
                 return await self.get(session_id)  # another replica moved it first
             self._cache(s)
+        # A make-before-break move it was in is moot: its edges are told by the release
+        # below and by reconcile().
+        await self._end_handover(session_id)
         self._metrics.migrations.labels(reason).inc()
         await self._assign_on_edge(s)
         await self._command(
@@ -305,90 +349,194 @@ class SessionDirectory:
         return s
 
     async def relocate(self, session_id: str, reason: str, zone: str = "") -> tuple[Session, bool]:
-        """Move a live session make-before-break (zone change, drain): the new edge holds
-        the assignment before the device is sent there or the old edge lets go."""
+        """Move a live session make-before-break (zone change, drain): the new edge confirms
+        it holds the assignment before the directory places the session there; then the old
+        edge is told the session is moving (its device and viewers switch over while it keeps
+        serving them) and is released once the new edge has the publisher, or after
+        HANDOVER_TIMEOUT_S. A new edge that never confirms is given up for another; when none
+        does, the session stays where it was and MoveNotConfirmed says so."""
         if zone:
             _check_id("zone", zone)
-        async with self._lock:
-            s = await self._open_session(session_id)
-            new_zone = zone or s.zone
-            exclude = frozenset({s.edge_id}) if reason == "drain" else frozenset()
-            placement = choose_edge(self._registry.views(), new_zone, self._latency, exclude)
-            if placement.edge.edge_id == s.edge_id:
-                if new_zone != s.zone:
-                    s = replace(s, zone=new_zone)
-                    await self._store.save_session(s)
-                    self._cache(s)
-                    await self._announce(EventKind.UPDATED, s)
-                return s, False
-            old = s.edge_id
-            s = replace(s.moved_to(placement.edge.edge_id), zone=new_zone)
-            # Before the move is visible anywhere: the old edge's reports of the session are
-            # not stale until it is released there.
-            await self._begin_handover(session_id, old)
-            if not await self._store.move_session(s, old):
-                await self._end_handover(session_id)
-                raise FailedPrecondition(f"session {session_id} moved meanwhile; try again")
-            self._cache(s)
-        t0 = time.perf_counter()
-        ready = self._waiter(s.edge_id, session_id, "assigned")
-        await self._assign_on_edge(s)
-        try:
-            await asyncio.wait_for(ready.wait(), READY_TIMEOUT_S)
-        except TimeoutError:
+        tried: list[str] = []
+        while True:
+            async with self._lock:
+                s = await self._open_session(session_id)
+                old, new_zone = s.edge_id, zone or s.zone
+                exclude = frozenset({old, *tried}) if reason == "drain" else frozenset(tried)
+                try:
+                    placement = choose_edge(
+                        self._registry.views(), new_zone, self._latency, exclude
+                    )
+                except NoEdgeAvailable:
+                    if not tried:
+                        raise
+                    self._move_failed(session_id, reason, old, tried)
+                    raise MoveNotConfirmed(
+                        f"session {session_id} stays on {old}: no edge confirmed it within "
+                        f"{READY_TIMEOUT_S}s (tried {', '.join(tried)}) and none other fits"
+                    ) from None
+                if placement.edge.edge_id == old:
+                    if tried:
+                        # The edge it was to move to never confirmed; the best one left is
+                        # where it is: it stays (ChangeZone answers moved=false).
+                        self._move_failed(session_id, reason, old, tried)
+                    if new_zone != s.zone:
+                        s = replace(s, zone=new_zone)
+                        await self._store.save_session(s)
+                        self._cache(s)
+                        await self._announce(EventKind.UPDATED, s)
+                    return s, False
+                target = replace(s.moved_to(placement.edge.edge_id), zone=new_zone)
+                # Before the new edge holds it: neither edge's reports are stale meanwhile.
+                await self._begin_handover(session_id, old, target.edge_id, reason)
+            t0 = time.perf_counter()
+            if await self._confirmed_on(target):
+                break
+            tried.append(target.edge_id)
+            self._metrics.move_attempts_unconfirmed.labels(reason).inc()
             log.warning(
-                "new edge slow to confirm", extra={"session": session_id, "edge": s.edge_id}
+                "new edge did not confirm the session in time; trying another",
+                extra={"session": session_id, "edge": target.edge_id, "reason": reason},
             )
-        finally:
-            self._waiters.pop((s.edge_id, session_id, "assigned"), None)
-        release = ReleaseSession(session_id, "moved", s.edge_id, placement.edge.address)
-        if reason == "zone_change":
-            # The device switches itself; the old edge keeps its stream until the new one has it.
-            task = asyncio.create_task(self._release_when_published(old, s.edge_id, release))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-        else:
-            await self._command(old, release)
+            await self._command(
+                target.edge_id, ReleaseSession(session_id, "moved", old, self._address(old))
+            )
+            if len(tried) >= MOVE_ATTEMPTS:
+                self._move_failed(session_id, reason, old, tried)
+                raise MoveNotConfirmed(
+                    f"session {session_id} stays on {old}: no edge confirmed it within "
+                    f"{READY_TIMEOUT_S}s (tried {', '.join(tried)})"
+                )
+        async with self._lock:
+            committed = await self._store.move_session(target, old)
+            if committed:
+                self._cache(target)
+        if not committed:
+            # Moved meanwhile (its old edge died, a concurrent move) or closed: undo here only
+            # what this move did.
             await self._end_handover(session_id)
+            now = await self.get(session_id)
+            if now.edge_id != target.edge_id or now.state is not SessionState.OPEN:
+                await self._command(
+                    target.edge_id,
+                    ReleaseSession(session_id, "moved", now.edge_id, self._address(now.edge_id)),
+                )
+            raise FailedPrecondition(f"session {session_id} moved meanwhile; try again")
         self._metrics.migrations.labels(reason).inc()
+        release = ReleaseSession(session_id, "moved", target.edge_id, self._address(target.edge_id))
+        # Waiting for the publisher starts before anyone is told to go there.
+        published = await self._expect(target.edge_id, session_id, "publisher")
+        await self._commit_handover(session_id)
+        await self._command(old, MoveSession(session_id, target.edge_id, reason))
+        task = asyncio.create_task(
+            self._release_when_published(old, target.edge_id, release, published)
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
         log.info(
             "session relocated",
             extra={
                 "session": session_id,
                 "from": old,
-                "to": s.edge_id,
+                "to": target.edge_id,
                 "reason": reason,
                 "ready_ms": round((time.perf_counter() - t0) * 1000, 1),
             },
         )
-        await self._announce(EventKind.MOVED, s)
-        return s, True
+        await self._announce(EventKind.MOVED, target)
+        return target, True
 
-    async def _release_when_published(self, old: str, new: str, release: ReleaseSession) -> None:
-        published = self._waiter(new, release.session_id, "publisher")
+    async def _confirmed_on(self, target: Session) -> bool:
+        """Assign the session on its would-be edge; True once that edge reports holding it."""
+        key = (target.edge_id, target.session_id, "assigned")
+        ready = await self._expect(*key)
+        try:
+            await self._assign_on_edge(target)
+            await asyncio.wait_for(ready.wait(), READY_TIMEOUT_S)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._waiters.pop(key, None)
+
+    def _move_failed(self, session_id: str, reason: str, stays_on: str, tried: list[str]) -> None:
+        self._metrics.moves_failed.labels(reason).inc()
+        log.error(
+            "move failed: no edge confirmed the session; it stays where it was",
+            extra={"session": session_id, "reason": reason, "edge": stays_on, "tried": tried},
+        )
+        task = asyncio.create_task(self._end_handover(session_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _address(self, edge_id: str) -> str:
+        e = self._registry.edges.get(edge_id)
+        return "" if e is None else e.address
+
+    async def _release_when_published(
+        self, old: str, new: str, release: ReleaseSession, published: asyncio.Event
+    ) -> None:
         try:
             await asyncio.wait_for(published.wait(), HANDOVER_TIMEOUT_S)
         except TimeoutError:
-            pass
+            log.info(
+                "no publisher on the new edge in time; releasing the old one anyway",
+                extra={"session": release.session_id, "from": old, "to": new},
+            )
         finally:
-            self._waiters.pop((new, release.session_id, "publisher"), None)
+            if self._waiters.get((new, release.session_id, "publisher")) is published:
+                del self._waiters[(new, release.session_id, "publisher")]
+        now = await self._store.get_session(release.session_id)
+        if now is not None and now.state is SessionState.OPEN and now.edge_id == old:
+            return  # it came back to the old edge meanwhile: that edge keeps it
         await self._command(old, release)
-        await self._end_handover(release.session_id)
+        h = self._handovers.get(release.session_id)
+        if h is not None and h.old_edge == old:
+            await self._end_handover(release.session_id)
 
-    async def _begin_handover(self, session_id: str, old_edge: str) -> None:
-        for_s = READY_TIMEOUT_S + HANDOVER_TIMEOUT_S + 5.0
-        self._handovers[session_id] = (old_edge, time.monotonic() + for_s)
+    async def _begin_handover(self, session_id: str, old: str, new: str, reason: str) -> None:
+        for_s = MOVE_ATTEMPTS * READY_TIMEOUT_S + HANDOVER_TIMEOUT_S + 5.0
+        self._handovers[session_id] = Handover(old, new, reason, time.monotonic() + for_s)
+        await self._share_handover(session_id, for_s)
+
+    async def _commit_handover(self, session_id: str) -> None:
+        h = self._handovers.get(session_id)
+        if h is not None:
+            h.committed = True
+            await self._share_handover(session_id, h.deadline - time.monotonic())
+
+    async def _share_handover(self, session_id: str, for_s: float) -> None:
+        h = self._handovers[session_id]
         if self._bus.shared:
             await self._bus.publish(
-                {"kind": "handover", "session_id": session_id, "edge": old_edge, "for_s": for_s}
+                {
+                    "kind": "handover",
+                    "session_id": session_id,
+                    "old_edge": h.old_edge,
+                    "new_edge": h.new_edge,
+                    "reason": h.reason,
+                    "for_s": for_s,
+                    "committed": h.committed,
+                }
             )
 
     async def _end_handover(self, session_id: str) -> None:
         if self._handovers.pop(session_id, None) is not None and self._bus.shared:
             await self._bus.publish({"kind": "handover_done", "session_id": session_id})
 
+    def moves_from(self, edge_id: str) -> list[MoveSession]:
+        """What an edge that (re)connects must hear again: sessions moving off it."""
+        now = time.monotonic()
+        return [
+            MoveSession(sid, h.new_edge, h.reason)
+            for sid, h in self._handovers.items()
+            if h.old_edge == edge_id and h.committed and now < h.deadline
+        ]
+
     async def drain(self, edge_id: str) -> int:
-        """Move every session off a draining edge; return how many moved."""
+        """Move every session off a draining edge; return how many moved. A session that
+        cannot move now (closed or moved meanwhile, no edge to take it, none confirmed) is
+        logged and skipped: the rest still move, and the edge's placed count shows it."""
         moved = 0
         for sid in [s.session_id for s in self.sessions_on(edge_id)]:
             try:
@@ -396,26 +544,46 @@ class SessionDirectory:
                 moved += int(did)
             except NoEdgeAvailable:
                 log.error("nowhere to drain session to", extra={"session": sid, "from": edge_id})
+            except MoveNotConfirmed:
+                pass  # logged with what was tried; the session stays and serves
+            except FailedPrecondition as e:
+                log.info(
+                    "session not drained: it changed meanwhile",
+                    extra={"session": sid, "from": edge_id, "detail": e.message},
+                )
         return moved
 
     def _ack(self, edge_id: str, session_id: str, what: str) -> None:
         w = self._waiters.get((edge_id, session_id, what))
         if w is not None:
             w.set()
-        key = (edge_id, session_id, what)
-        if self._bus.shared and key not in self._acked:
-            # Whoever waits for this edge may be another replica: tell them, once.
-            self._acked.add(key)
+
+    def _share_acks(self, edge_id: str, stream: object, now: set[tuple[str, str]]) -> None:
+        """Tell other replicas of acknowledgements that appeared in this edge's reports
+        since the last one on this stream (whoever waits may be another replica)."""
+        last_stream, before = self._acked.get(edge_id, (None, set()))
+        fresh = now - before if last_stream is stream else now
+        self._acked[edge_id] = (stream, now)
+        for sid, what in fresh:
             task = asyncio.create_task(
-                self._bus.publish(
-                    {"kind": "ack", "edge": edge_id, "session_id": session_id, "what": what}
-                )
+                self._bus.publish({"kind": "ack", "edge": edge_id, "session_id": sid, "what": what})
             )
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
     def _waiter(self, edge_id: str, session_id: str, kind: str) -> asyncio.Event:
         return self._waiters.setdefault((edge_id, session_id, kind), asyncio.Event())
+
+    async def _expect(self, edge_id: str, session_id: str, kind: str) -> asyncio.Event:
+        """A waiter for an acknowledgement from an edge. When another replica may hold the
+        edge's stream it is asked to pass the next one on (sent before any command that
+        leads to it: the bus keeps one sender's events in order)."""
+        w = self._waiter(edge_id, session_id, kind)
+        if self._bus.shared and not self._registry.holds(edge_id):
+            await self._bus.publish(
+                {"kind": "expect", "edge": edge_id, "session_id": session_id, "what": kind}
+            )
+        return w
 
     async def _on_edge_connected(self, edge_id: str) -> None:
         # Other replicas learn of the edge now, not at their next look at the store.
@@ -463,14 +631,27 @@ class SessionDirectory:
 
     # -- live reports from edges -----------------------------------------------------------
 
-    def apply_report(self, edge_id: str, session_id: str, report: LiveReport) -> None:
-        if report.assigned:
-            self._ack(edge_id, session_id, "assigned")
-        if report.publishers:
-            self._ack(edge_id, session_id, "publisher")
+    async def apply_heartbeat(
+        self, edge_id: str, stream: object, reports: list[tuple[str, LiveReport]]
+    ) -> None:
+        """An edge's report of every session it holds, on its heartbeat stream `stream`."""
+        acked: set[tuple[str, str]] = set()
+        for sid, report in reports:
+            if report.assigned:
+                self._ack(edge_id, sid, "assigned")
+                acked.add((sid, "assigned"))
+            if report.publishers:
+                self._ack(edge_id, sid, "publisher")
+                acked.add((sid, "publisher"))
+            self._apply_live(edge_id, sid, report)
+        if self._bus.shared:
+            self._share_acks(edge_id, stream, acked)
+        await self.reconcile(edge_id, [sid for sid, _ in reports])
+
+    def _apply_live(self, edge_id: str, session_id: str, report: LiveReport) -> None:
         s = self.sessions.get(session_id)
         if s is None or s.edge_id != edge_id:
-            return  # a stale report from an edge the session has left
+            return  # not (or no longer) placed there: reconcile() deals with it
         prev = self.live.get(session_id)
         self.live[session_id] = report
         if prev is None or (prev.news2_total, prev.news2_band) != (
@@ -488,12 +669,12 @@ class SessionDirectory:
             s = self.sessions.get(sid)
             if s is not None and s.edge_id == edge_id:
                 continue
-            handover = self._handovers.get(sid)
-            if handover is not None:
-                if now >= handover[1]:
+            h = self._handovers.get(sid)
+            if h is not None:
+                if now >= h.deadline:
                     del self._handovers[sid]  # its mover is gone (a replica that stopped)
-                elif handover[0] == edge_id:
-                    continue  # the old edge of a make-before-break move keeps it until released
+                elif edge_id in (h.old_edge, h.new_edge):
+                    continue  # both ends of a make-before-break move hold it until released
             key = (edge_id, sid)
             if now - self._reconciled.get(key, -math.inf) < RELEASE_RESEND_S:
                 continue
@@ -502,11 +683,9 @@ class SessionDirectory:
             if stored is not None and stored.state is SessionState.OPEN:
                 if stored.edge_id == edge_id:
                     continue
-                address = ""
-                e = self._registry.edges.get(stored.edge_id)
-                if e is not None:
-                    address = e.address
-                release = ReleaseSession(sid, "moved", stored.edge_id, address)
+                release = ReleaseSession(
+                    sid, "moved", stored.edge_id, self._address(stored.edge_id)
+                )
             else:
                 release = ReleaseSession(sid, "closed")
             if len(self._reconciled) > 10_000:

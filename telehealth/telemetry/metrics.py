@@ -156,6 +156,21 @@ class CoreMetrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self.move_attempts_unconfirmed = Counter(
+            "core_move_attempts_unconfirmed_total",
+            "Make-before-break moves whose chosen new edge did not confirm the session in "
+            "time (another edge is tried), by reason",
+            ["reason"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.moves_failed = Counter(
+            "core_moves_failed_total",
+            "Make-before-break moves given up (no edge confirmed; the session stayed), by reason",
+            ["reason"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
         self.edges = Gauge(
             "core_edges",
             "Known edge nodes by state",

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -238,3 +239,197 @@ async def test_restarted_core_gives_edges_the_timeout_plus_their_backoff(tmp_pat
         await store.close()
     # The edge side of the bargain: its waits between attempts stay well inside the timeout.
     assert EDGE_RECONNECT_MAX_S <= 3.0 / 2
+
+
+async def test_drain_is_make_before_break_for_the_device(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    """Drain: the old edge tells the device the session is moving and keeps serving it; the
+    device streams to the new edge, and only then is the old edge released. No reconnect."""
+    from clients.device import DeviceAgent, DeviceConfig
+    from telehealth.v1 import archive_pb2, archive_pb2_grpc
+
+    edge_a = await edge_factory("edge-a", "zone-a")
+    await edge_factory("edge-b", "zone-b")
+    agent = DeviceAgent(DeviceConfig(core.address, "p-drain", "zone-a"))
+    stop = asyncio.Event()
+    run = asyncio.create_task(agent.run(stop))
+    await eventually(lambda: agent.received_seq >= 10, what="streaming to edge-a")
+    sid = agent.session_id
+    edges = edges_pb2_grpc.EdgesServiceStub(channel_to(core.address))
+    op = await staff(core, "operator")
+    drained = await edges.Drain(
+        edges_pb2.DrainEdgeRequest(edge_id="edge-a", draining=True), metadata=op
+    )
+    assert drained.edge.placed_sessions == 0
+    assert core.directory.sessions[sid].edge_id == "edge-b"
+    await eventually(
+        lambda: agent.assignment and agent.assignment.edge_id == "edge-b", what="device moved"
+    )
+    a = await eventually(
+        lambda: (x := edge_a.sessions.assignments.get(sid)) and x.released and x,
+        what="edge-a released once the device published on edge-b",
+    )
+    assert (a.released, a.new_edge_id, a.moving_to) == ("moved", "edge-b", "edge-b")
+    mark = agent.received_seq
+    await eventually(lambda: agent.received_seq > mark + 10, what="streaming on edge-b")
+    assert agent.stats.handovers == 1
+    assert agent.stats.reconnects == 0  # make-before-break: the stream was never lost
+    stop.set()
+    await asyncio.wait_for(run, 30)
+    wm = await archive_pb2_grpc.ArchiveServiceStub(channel_to(core.address)).GetWatermark(
+        archive_pb2.GetWatermarkRequest(session_id=sid)
+    )
+    assert wm.watermark.archived_seq == wm.archived_batches == agent.next_seq() - 1
+
+
+def hung_edge(core: CoreServer, edge_id: str, zone: str) -> Awaitable[object]:
+    """An edge whose heartbeat stream is up but which never answers (a hung process): the
+    core's own registry entry, its outbox read by nobody."""
+    return core.edges.connect(edge_id, zone, "127.0.0.1:9", 100)
+
+
+async def test_drain_gives_up_an_edge_that_never_confirms_for_another(
+    core: CoreServer,
+    edge_factory: EdgeFactory,
+    channel_to: ChannelTo,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from core_services.edges.registry import AssignSession, ReleaseSession
+    from core_services.sessions import directory as directory_module
+
+    monkeypatch.setattr(directory_module, "READY_TIMEOUT_S", 0.3)
+    await edge_factory("edge-a", "zone-a")
+    await edge_factory("edge-c", "zone-c")
+    await hung_edge(core, "edge-hung", "zone-b")  # nearer to zone-a than zone-c
+    s1 = (await open_session(core, channel_to, "zone-a", "p-1")).session.session_id
+    s2 = (await open_session(core, channel_to, "zone-a", "p-2")).session.session_id
+    await core.edges.set_draining("edge-a", True)
+    drain = asyncio.create_task(core.directory.drain("edge-a"))
+    # While s1 waits for the hung edge, s2 is closed: drain must carry on past it.
+    await eventually(
+        lambda: ("edge-hung", s1, "assigned") in core.directory._waiters, what="s1 waiting"
+    )
+    await core.directory.close(s2)
+    assert await drain == 1
+    assert core.directory.sessions[s1].edge_id == "edge-c"
+    assert core.metrics.move_attempts_unconfirmed.labels("drain")._value.get() == 1
+    outbox = core.edges.edges["edge-hung"].outbox
+    assert outbox is not None
+    sent = [outbox.get_nowait() for _ in range(outbox.qsize())]
+    about_s1 = [
+        type(c)
+        for c in sent
+        if (isinstance(c, AssignSession) and c.session.session_id == s1)
+        or (isinstance(c, ReleaseSession) and c.session_id == s1)
+    ]
+    # The hung edge was given the session, then told to let it go again.
+    assert about_s1 == [AssignSession, ReleaseSession]
+
+
+async def test_move_no_edge_confirms_leaves_the_session_where_it_was(
+    core: CoreServer,
+    edge_factory: EdgeFactory,
+    channel_to: ChannelTo,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from core_services.sessions import directory as directory_module
+
+    monkeypatch.setattr(directory_module, "READY_TIMEOUT_S", 0.3)
+    edge_a = await edge_factory("edge-a", "zone-a")
+    await hung_edge(core, "edge-hung", "zone-b")
+    sid = (await open_session(core, channel_to, "zone-a")).session.session_id
+    await eventually(lambda: core.directory.live.get(sid), what="reported by edge-a")
+    # A zone change: the best edge left is the one it is on, so it stays there.
+    s, moved = await core.directory.relocate(sid, "zone_change", "zone-b")
+    assert (moved, s.edge_id, s.zone) == (False, "edge-a", "zone-b")
+    # A drain has nowhere else to go: the move fails, and the drain survives it.
+    with pytest.raises(directory_module.MoveNotConfirmed, match="stays on edge-a"):
+        await core.directory.relocate(sid, "drain")
+    assert await core.directory.drain("edge-a") == 0
+    assert core.directory.sessions[sid].edge_id == "edge-a"
+    assert core.metrics.moves_failed.labels("zone_change")._value.get() == 1
+    assert core.metrics.moves_failed.labels("drain")._value.get() == 2
+    assert edge_a.sessions.assignments[sid].released is None
+
+
+@pytest.mark.postgres
+async def test_two_replicas_confirm_a_session_coming_back_to_its_edge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica 2 moves a session whose edges hold their streams to replica 1: each new edge's
+    confirmation reaches replica 2 - also when the session comes back to an edge that
+    confirmed it before (it was once per edge and session, so that move waited in vain)."""
+    import uuid
+
+    import asyncpg
+
+    from core_services.sessions import directory as directory_module
+    from edge_nodes.server import EdgeServer
+    from telehealth.config import EdgeSettings
+    from tests.conftest import core_settings
+
+    monkeypatch.setattr(directory_module, "HANDOVER_TIMEOUT_S", 0.5)
+    db = "tsess_" + uuid.uuid4().hex[:10]
+    admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test")
+    await admin.execute(f'CREATE DATABASE "{db}"')
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{db}"
+    cores: list[CoreServer] = []
+    edges: list[EdgeServer] = []
+    try:
+        for i in (1, 2):
+            c = CoreServer(
+                core_settings(
+                    tmp_path / f"core-{i}",
+                    cluster=True,
+                    database_url=url,
+                    keys_dir=tmp_path / "keys",
+                )
+            )
+            await c.start()
+            cores.append(c)
+        c1, c2 = cores
+        for edge_id, zone in (("edge-a", "zone-a"), ("edge-b", "zone-b")):
+            e = EdgeServer(
+                EdgeSettings.model_validate(
+                    {
+                        "edge_id": edge_id,
+                        "zone": zone,
+                        "grpc_listen": "127.0.0.1:0",
+                        "http_listen": "127.0.0.1:0",
+                        "core_address": c1.address,  # both streams to replica 1
+                        "heartbeat_interval_s": 0.1,
+                        "log_format": "text",
+                        "data_dir": tmp_path / edge_id,
+                    }
+                )
+            )
+            await e.start()
+            edges.append(e)
+        edge_a, edge_b = edges
+        await eventually(lambda: {"edge-a", "edge-b"} <= set(c2.edges.edges), what="c2 sees both")
+        s, _ = await c2.directory.open(patient_id="p-1", zone="zone-a", spo2_scale=1, device_id="")
+        sid = s.session_id
+        await eventually(lambda: sid in edge_a.sessions.assignments, what="assigned on edge-a")
+        s, moved = await c2.directory.relocate(sid, "zone_change", "zone-b")
+        assert (moved, s.edge_id) == (True, "edge-b")
+        # Straight back, while edge-a still holds it (no publisher moved yet).
+        s, moved = await c2.directory.relocate(sid, "zone_change", "zone-a")
+        assert (moved, s.edge_id) == (True, "edge-a")
+        assert c2.metrics.move_attempts_unconfirmed.labels("zone_change")._value.get() == 0
+        # Both delayed releases have run: edge-b let go, edge-a (its home again) did not.
+        await eventually(lambda: not c2.directory._background, what="releases done")
+        await eventually(
+            lambda: edge_b.sessions.assignments[sid].released == "moved", what="edge-b released"
+        )
+        assert edge_a.sessions.assignments[sid].released is None
+        await eventually(
+            lambda: c1.directory.sessions[sid].edge_id == "edge-a", what="replica 1 agrees"
+        )
+    finally:
+        for e in edges:
+            await e.stop(grace=0)
+        for c in cores:
+            await c.stop(grace=0)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        await admin.close()
