@@ -24,7 +24,8 @@ from clients.ctl_security import (
     saved_token,
 )
 from clients.tlsflags import add_tls_flags, tls_from_flags
-from telehealth.rpc import bearer, channel_options, secure_channel
+from clients.viewer import Following, Interrupted, Missing, SessionViewer, ViewerEvent, VitalsEvent
+from telehealth.rpc import channel_options, secure_channel
 from telehealth.v1 import (
     archive_pb2,
     archive_pb2_grpc,
@@ -33,7 +34,6 @@ from telehealth.v1 import (
     sessions_pb2,
     sessions_pb2_grpc,
     vitals_pb2,
-    vitals_pb2_grpc,
 )
 
 BANDS = {0: "-", 1: "low", 2: "low-medium", 3: "medium", 4: "high"}
@@ -201,28 +201,83 @@ async def cmd_close(ch: grpc.aio.Channel, ns: argparse.Namespace, out: TextIO) -
     return 0
 
 
+@dataclass(frozen=True)
+class Reading:
+    """One parameter's last known value and the device time it was measured."""
+
+    value: float
+    measured_unix_ns: int
+
+
+# What `watch` shows of a reading, in order: field, label, format, unit.
+NUMERIC_FIELDS = (
+    ("heart_rate_bpm", "heart rate", ".0f", "bpm"),
+    ("spo2_percent", "SpO2", ".0f", "%"),
+    ("respiration_rate_bpm", "respiration", ".0f", "/min"),
+    ("temperature_c", "temperature", ".1f", "°C"),
+)
+ENUM_FIELDS = ("consciousness", "oxygen_support")
+NEWS2_LABELS = {
+    "respiration_rate": "respiration",
+    "spo2": "SpO2",
+    "air_or_oxygen": "oxygen",
+    "systolic_bp": "systolic BP",
+    "pulse": "heart rate",
+    "consciousness": "consciousness",
+    "temperature": "temperature",
+}
+
+
+def _enum_label(field_name: str, value: int) -> str:
+    if field_name == "consciousness":
+        return vitals_pb2.Consciousness.Name(value).removeprefix("CONSCIOUSNESS_").lower()  # type: ignore[arg-type]
+    if value == vitals_pb2.OXYGEN_SUPPORT_SUPPLEMENTAL:
+        return "supplemental oxygen"
+    return "air" if value == vitals_pb2.OXYGEN_SUPPORT_AIR else "-"
+
+
 @dataclass
 class WatchView:
-    """What `watch` shows: the latest of each kind of value, each with its age."""
+    """What `watch` shows: the last known value of every parameter, each with its own age
+    (a reading that lacks a parameter leaves its older value and age in place), NEWS2 as
+    old as its oldest input, the ECG heart rate, alerts, and how the view is following."""
 
     session_id: str
     edge_id: str = ""
-    vitals: vitals_pb2.VitalSigns | None = None
-    vitals_received_ns: int = 0
+    readings: dict[str, Reading] = field(default_factory=dict)
     news2: vitals_pb2.News2Update | None = None
     derived: vitals_pb2.DerivedHeartRate | None = None
     last_seq: int = 0
     alerts: list[tuple[int, str]] = field(default_factory=list)
     gaps: int = 0
+    filled: int = 0
+    missing: int = 0
     notice: str = ""
 
-    def apply(self, ev: vitals_pb2.SubscribeVitalsResponse) -> None:
+    def apply(self, item: ViewerEvent | vitals_pb2.SubscribeVitalsResponse) -> None:
+        """Take a SessionViewer event (or a raw edge event)."""
+        if isinstance(item, Following):
+            self.edge_id = item.edge_id
+            self.notice = "" if item.reason in ("start", "expiry") else f"following: {item.reason}"
+            return
+        if isinstance(item, Interrupted):
+            self.notice = item.message
+            return
+        if isinstance(item, Missing):
+            self.missing += item.last_seq - item.first_seq + 1
+            return
+        if isinstance(item, VitalsEvent):
+            if item.from_archive:
+                self.filled += 1
+            item = item.event
+        ev = item
         kind = ev.WhichOneof("event")
         if kind == "batch":
             self.last_seq = max(self.last_seq, ev.batch.seq)
-            if ev.batch.vitals:
-                self.vitals = ev.batch.vitals[-1]
-                self.vitals_received_ns = ev.edge_received_unix_ns
+            for v in ev.batch.vitals:
+                self._take(v)
+            if self.notice.startswith("following"):
+                self.notice = ""  # live again
         elif kind == "news2":
             self.news2 = ev.news2
         elif kind == "derived_heart_rate":
@@ -233,52 +288,113 @@ class WatchView:
         elif kind == "gap":
             self.gaps += ev.gap.dropped_events
 
+    def _take(self, v: vitals_pb2.VitalSigns) -> None:
+        t = v.device_time_unix_ns
+
+        def keep(name: str, value: float) -> None:
+            old = self.readings.get(name)
+            if old is None or t >= old.measured_unix_ns:
+                self.readings[name] = Reading(value, t)
+
+        for name, *_ in (*NUMERIC_FIELDS, ("systolic_mmhg",), ("diastolic_mmhg",)):
+            if v.HasField(name):  # type: ignore[arg-type]
+                keep(name, getattr(v, name))
+        for name in ENUM_FIELDS:
+            value = int(getattr(v, name))
+            if value:  # 0: not reported in this reading
+                keep(name, value)
+
+    def _news2_line(self, now_ns: int) -> list[str]:
+        n = self.news2
+        if n is None:
+            return ["  NEWS2  -   waiting for vitals"]
+        counted = [p for p in n.parameters if not p.stale and p.measured_unix_ns]
+        stale = [p for p in n.parameters if p.stale]
+        # The score is as old as its oldest input (the edge says which; older edges do not,
+        # then the parameters' own times tell, and failing that the time it was computed).
+        oldest_ns = n.oldest_input_unix_ns or min(
+            (p.measured_unix_ns for p in counted), default=n.computed_unix_ns
+        )
+        oldest = min(counted, key=lambda p: p.measured_unix_ns, default=None)
+        of = f" ({NEWS2_LABELS.get(oldest.parameter, oldest.parameter)})" if oldest else ""
+        line = (
+            f"  NEWS2 {n.total:>2}  risk {BANDS.get(n.band, '?'):<10}"
+            f"{'' if n.complete else ' (incomplete)'}  inputs up to {age(oldest_ns, now_ns)} old{of}"
+        )
+        out = [line]
+        if stale:
+            names = ", ".join(
+                f"{NEWS2_LABELS.get(p.parameter, p.parameter)} ({age(p.measured_unix_ns, now_ns)})"
+                for p in stale
+            )
+            out.append(f"    stale, left out of the score: {names}")
+        return out
+
     def render(self, now_ns: int) -> str:
-        v = self.vitals
-        lines = [f"session {self.session_id} on {self.edge_id}   last seq {self.last_seq}"]
+        lines = [f"session {self.session_id} on {self.edge_id or '-'}   last seq {self.last_seq}"]
         if self.notice:
             lines.append(f"  ! {self.notice}")
-        if self.news2 is not None:
-            n = self.news2
-            lines.append(
-                f"  NEWS2 {n.total:>2}  risk {BANDS.get(n.band, '?'):<10}"
-                f"{'' if n.complete else ' (incomplete)'}  age {age(n.computed_unix_ns, now_ns)}"
+        lines += self._news2_line(now_ns)
+        r = self.readings
+
+        def row(label: str, text: str, measured: int | None) -> str:
+            when = f"age {age(measured, now_ns)}" if measured else ""
+            return f"  {label:<15}{text:>14}   {when}".rstrip()
+
+        for name, label, fmt, unit in NUMERIC_FIELDS:
+            got = r.get(name)
+            text = f"{format(got.value, fmt)} {unit}" if got else "-"
+            lines.append(row(label, text, got.measured_unix_ns if got else None))
+            if name == "spo2_percent":
+                o2 = r.get("oxygen_support")
+                lines.append(
+                    row(
+                        "oxygen",
+                        _enum_label("oxygen_support", int(o2.value)) if o2 else "-",
+                        o2.measured_unix_ns if o2 else None,
+                    )
+                )
+            if name == "respiration_rate_bpm":
+                sbp, dbp = r.get("systolic_mmhg"), r.get("diastolic_mmhg")
+                bp = f"{sbp.value:.0f}" if sbp else "-"
+                bp += f"/{dbp.value:.0f}" if dbp else "/-"
+                # The pair is as old as its older half.
+                times = [x.measured_unix_ns for x in (sbp, dbp) if x is not None]
+                lines.append(row("blood pressure", f"{bp} mmHg", min(times) if times else None))
+        c = r.get("consciousness")
+        lines.append(
+            row(
+                "consciousness",
+                _enum_label("consciousness", int(c.value)) if c else "-",
+                c.measured_unix_ns if c else None,
             )
-        else:
-            lines.append("  NEWS2  -   waiting for vitals")
-        if v is not None:
-            a = age(v.device_time_unix_ns, now_ns)
-
-            def f(present: bool, value: float, fmt: str) -> str:
-                return format(value, fmt) if present else "-"
-
-            lines += [
-                f"  heart rate    {f(v.HasField('heart_rate_bpm'), v.heart_rate_bpm, '.0f'):>6} bpm   age {a}",
-                f"  SpO2          {f(v.HasField('spo2_percent'), v.spo2_percent, '.0f'):>6} %     "
-                f"{'on oxygen' if v.oxygen_support == vitals_pb2.OXYGEN_SUPPORT_SUPPLEMENTAL else 'air'}",
-                f"  respiration   {f(v.HasField('respiration_rate_bpm'), v.respiration_rate_bpm, '.0f'):>6} /min",
-                f"  blood press.  {f(v.HasField('systolic_mmhg'), v.systolic_mmhg, '.0f'):>6}/"
-                f"{f(v.HasField('diastolic_mmhg'), v.diastolic_mmhg, '.0f')} mmHg",
-                f"  temperature   {f(v.HasField('temperature_c'), v.temperature_c, '.1f'):>6} °C",
-                f"  consciousness {vitals_pb2.Consciousness.Name(v.consciousness).removeprefix('CONSCIOUSNESS_').lower()}",
-            ]
+        )
         if self.derived is not None:
             d = self.derived
             lines.append(
-                f"  ECG heart rate {d.ecg_heart_rate_bpm:>5.0f} bpm ({d.r_peaks} R-peaks)   "
-                f"age {age(d.computed_unix_ns, now_ns)}"
+                row(
+                    "ECG heart rate",
+                    f"{d.ecg_heart_rate_bpm:.0f} bpm",
+                    d.computed_unix_ns,
+                )
+                + f"   ({d.r_peaks} R-peaks)"
             )
         if self.gaps:
-            lines.append(f"  {self.gaps} event(s) skipped because this view fell behind")
+            lines.append(f"  {self.gaps} live event(s) skipped because this view fell behind")
+        if self.filled:
+            lines.append(f"  {self.filled} batch(es) filled in from the archive after a gap")
+        if self.missing:
+            lines.append(f"  {self.missing} batch(es) missing (not in the archive yet)")
         for t, msg in self.alerts:
             lines.append(f"  alert {age(t, now_ns):>6} ago: {msg}")
         return "\n".join(lines)
 
 
 async def cmd_watch(ch: grpc.aio.Channel, ns: argparse.Namespace, out: TextIO) -> int:
-    sessions = sessions_pb2_grpc.SessionsServiceStub(ch)
     view = WatchView(ns.session)
-    deadline = time.monotonic() + ns.duration if ns.duration else None
+    # The viewer follows the session through moves, edge loss and token expiry, retrying the
+    # core when it is away; only refusals (not logged in, not your patient) end it.
+    viewer = SessionViewer(ch, ns.session, tls=ns.tls)
     tty = out.isatty()
 
     async def draw() -> None:
@@ -292,41 +408,15 @@ async def cmd_watch(ch: grpc.aio.Channel, ns: argparse.Namespace, out: TextIO) -
             await asyncio.sleep(ns.refresh)
 
     drawer = asyncio.create_task(draw())
+    events = viewer.events()
     try:
-        while deadline is None or time.monotonic() < deadline:
-            a = await sessions.Attach(
-                sessions_pb2.AttachSessionRequest(
-                    session_id=ns.session, role=sessions_pb2.ROLE_VIEWER
-                ),
-                timeout=5,
-            )
-            view.edge_id = a.assignment.edge_id
-            view.notice = ""
-            async with secure_channel(a.assignment.edge_address, ns.tls) as edge:
-                stub = vitals_pb2_grpc.VitalsServiceStub(edge)
-                call = stub.Subscribe(
-                    vitals_pb2.SubscribeVitalsRequest(session_id=ns.session, include_latest=True),
-                    metadata=bearer(a.assignment.token),
-                )
-                try:
-                    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    async with asyncio.timeout(remaining):
-                        async for ev in call:
-                            view.apply(ev)
-                except TimeoutError:
-                    break
-                except grpc.aio.AioRpcError as e:
-                    if e.code() not in (
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        grpc.StatusCode.UNAVAILABLE,
-                    ):
-                        raise
-                    # The session moved or its edge went away: follow it through the core.
-                    view.notice = f"{e.details()} — following"
-                    await asyncio.sleep(0.2)
-                finally:
-                    call.cancel()
+        async with asyncio.timeout(ns.duration or None):
+            async for ev in events:
+                view.apply(ev)
+    except TimeoutError:
+        pass
     finally:
+        await events.aclose()
         drawer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await drawer

@@ -1,0 +1,238 @@
+"""`telehealth-ctl watch` and the SessionViewer behind it, against a real core and edges:
+per-field ages from real events, and following the session through edge loss with every
+batch shown once and in order."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from clients.ctl import WatchView, build_parser, cmd_watch
+from clients.ctl_security import bearer_interceptors
+from clients.device import DeviceAgent, DeviceConfig
+from clients.viewer import Following, Interrupted, Missing, SessionViewer, VitalsEvent
+from core_services.server import CoreServer
+from edge_nodes.server import EdgeServer
+from telehealth.rpc import bearer, channel_options
+from telehealth.v1 import sessions_pb2, sessions_pb2_grpc, vitals_pb2, vitals_pb2_grpc
+from tests.conftest import EdgeFactory, Metadata, eventually, staff
+
+ChannelTo = Callable[[str], grpc.aio.Channel]
+S = 1_000_000_000
+
+
+async def crash(edge: EdgeServer) -> None:
+    """The edge's gRPC server goes away at once: streams break with no goodbye (the nearest
+    in-process thing to kill -9; its core link stays up, so only a client's report of the
+    unreachable edge makes the core check it now)."""
+    await edge.grpc.server.stop(0)
+
+
+def reading_batch(sid: str, seq: int, t_ns: int, **fields: float) -> vitals_pb2.VitalsBatch:
+    b = vitals_pb2.VitalsBatch(session_id=sid, seq=seq, device_time_unix_ns=t_ns)
+    b.vitals.add(device_time_unix_ns=t_ns, **fields)  # type: ignore[arg-type]
+    return b
+
+
+async def publish(
+    edge_address: str, token: str, batches: list[vitals_pb2.VitalsBatch], channel_to: ChannelTo
+) -> None:
+    async def reqs() -> AsyncIterator[vitals_pb2.PublishVitalsRequest]:
+        for b in batches:
+            yield vitals_pb2.PublishVitalsRequest(batch=b)
+
+    stub = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge_address))
+    acks = [r async for r in stub.Publish(reqs(), metadata=bearer(token))]
+    assert acks and acks[-1].received_seq == batches[-1].seq
+    assert not any(r.HasField("rejection") for r in acks)
+
+
+async def test_watch_shows_each_field_with_its_own_age(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    edge = await edge_factory()
+    sessions = sessions_pb2_grpc.SessionsServiceStub(channel_to(core.address))
+    opened = await sessions.Open(sessions_pb2.OpenSessionRequest(patient_id="p-w", zone="zone-a"))
+    sid = opened.session.session_id
+    login = await staff(core, "clinician", ("p-w",))
+    view = WatchView(sid)
+    viewer = SessionViewer(channel_to(core.address), sid, metadata=login)
+    got: list[VitalsEvent] = []
+
+    async def watch() -> None:
+        async for ev in viewer:
+            view.apply(ev)
+            if isinstance(ev, VitalsEvent):
+                got.append(ev)
+
+    task = asyncio.create_task(watch())
+    await eventually(lambda: edge.sessions.subscribers == 1, what="viewer subscribed")
+    now = time.time_ns()
+    # A full reading 90 s ago (a cuff and thermometer round), then the monitor's pulse and
+    # SpO2 only, 2 s ago: blood pressure and temperature keep their older values and ages.
+    full = reading_batch(
+        sid,
+        1,
+        now - 90 * S,
+        heart_rate_bpm=88,
+        spo2_percent=95,
+        respiration_rate_bpm=18,
+        systolic_mmhg=131,
+        diastolic_mmhg=84,
+        temperature_c=37.9,
+        consciousness=vitals_pb2.CONSCIOUSNESS_ALERT,
+        oxygen_support=vitals_pb2.OXYGEN_SUPPORT_AIR,
+    )
+    monitor = reading_batch(sid, 2, now - 2 * S, heart_rate_bpm=104, spo2_percent=93)
+    await publish(edge.address, opened.assignment.token, [full, monitor], channel_to)
+    await eventually(lambda: view.last_seq == 2 and view.news2 is not None, what="both shown")
+    await eventually(lambda: view.news2 is not None and view.news2.seq == 2, what="NEWS2 of 2")
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert [e.event.batch.seq for e in got if e.event.HasField("batch")] == [1, 2]
+
+    lines = {ln.split()[0] + " " + ln.split()[1]: ln for ln in view.render(now).splitlines()[1:]}
+    assert "104 bpm" in lines["heart rate"] and lines["heart rate"].endswith("age 2.0s")
+    assert "93 %" in lines["SpO2 93"] and lines["SpO2 93"].endswith("age 2.0s")
+    assert "131/84 mmHg" in lines["blood pressure"] and lines["blood pressure"].endswith("age 90s")
+    assert "37.9 °C" in lines["temperature 37.9"] and lines["temperature 37.9"].endswith("age 90s")
+    assert lines["respiration 18"].endswith("age 90s")
+    assert lines["oxygen air"].endswith("age 90s")
+    assert lines["consciousness alert"].endswith("age 90s")
+    # NEWS2 is as old as its oldest input, not the time the edge computed it.
+    news2 = next(ln for ln in lines.values() if ln.lstrip().startswith("NEWS2"))
+    assert "inputs up to 90s old" in news2, news2
+    # Twelve minutes on, the same view says so: ages are computed at render time.
+    later = view.render(now + 12 * 60 * S)
+    assert "age 12m" in later and "age 14m" in later
+
+
+async def test_watch_command_renders_live_vitals(
+    core: CoreServer, edge_factory: EdgeFactory
+) -> None:
+    await edge_factory()
+    stop = asyncio.Event()
+    device = DeviceAgent(DeviceConfig(core.address, "p-cli", "zone-a"))
+    run = asyncio.create_task(device.run(stop))
+    await eventually(lambda: device.received_seq >= 5, what="device streaming")
+    login: Metadata = await staff(core, "clinician", ("p-cli",))
+    token = login[0][1].removeprefix("Bearer ")
+    ns = build_parser().parse_args(
+        ["watch", device.session_id, "--duration", "2.5", "--refresh", "1"]
+    )
+    ns.tls = None
+    out = io.StringIO()
+    async with grpc.aio.insecure_channel(
+        core.address, options=channel_options(), interceptors=bearer_interceptors(token)
+    ) as ch:
+        assert await cmd_watch(ch, ns, out) == 0
+    stop.set()
+    await asyncio.wait_for(run, 15)
+    final = out.getvalue().strip().split("\n\n")[-1]
+    assert final.startswith(f"session {device.session_id} on edge-a")
+    for label in ("heart rate", "SpO2", "respiration", "blood pressure", "temperature"):
+        row = next(ln for ln in final.splitlines() if ln.strip().startswith(label))
+        assert " age " in row and " - " not in row, row
+    assert "NEWS2" in final and "inputs up to" in final
+
+
+async def test_viewer_follows_edge_loss_with_every_batch_once_in_order(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    edge_a = await edge_factory("edge-a", "zone-a")
+    edge_b = await edge_factory("edge-b", "zone-b")
+    stop = asyncio.Event()
+    device = DeviceAgent(DeviceConfig(core.address, "p-follow", "zone-a"))
+    run = asyncio.create_task(device.run(stop))
+    await eventually(lambda: device.received_seq >= 5, what="device streaming")
+    viewer = SessionViewer(
+        channel_to(core.address),
+        device.session_id,
+        metadata=await staff(core, "clinician", ("p-follow",)),
+    )
+    seqs: list[int] = []
+    archive_seqs: list[int] = []
+    notes: list[object] = []
+
+    async def watch() -> None:
+        async for ev in viewer:
+            if isinstance(ev, VitalsEvent) and ev.event.HasField("batch"):
+                seqs.append(ev.event.batch.seq)
+                if ev.from_archive:
+                    archive_seqs.append(ev.event.batch.seq)
+            elif not isinstance(ev, VitalsEvent):
+                notes.append(ev)
+
+    task = asyncio.create_task(watch())
+    await eventually(lambda: len(seqs) >= 10, what="viewer live on edge-a")
+    await crash(edge_a)
+    await eventually(lambda: viewer.edge_id == "edge-b", timeout=15, what="viewer on edge-b")
+    mark = device.next_seq()
+    await eventually(lambda: seqs and seqs[-1] > mark + 10, timeout=15, what="live on edge-b")
+    stop.set()
+    await asyncio.wait_for(run, 15)
+    last = device.next_seq() - 1
+    await eventually(lambda: seqs[-1] == last, timeout=10, what="viewer saw the last batch")
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+    assert seqs == list(range(seqs[0], last + 1)), "a batch shown twice, out of order, or lost"
+    assert not [n for n in notes if isinstance(n, Missing)]
+    # The viewer (like the device) told the core its edge was unreachable: the core checked
+    # it and re-placed the session at once, well before the heartbeat timeout would have.
+    assert any(isinstance(n, Interrupted) and "edge-a" in n.message for n in notes)
+    assert [n.edge_id for n in notes if isinstance(n, Following)][-1] == "edge-b"
+    assert viewer.stats.resubscribes >= 1 and viewer.stats.edges[0] == "edge-a"
+    assert edge_b.sessions.channels[device.session_id].watermark.value == last
+
+
+async def test_viewer_resuming_late_gets_what_the_edge_lacks_from_the_archive(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    edge_a = await edge_factory("edge-a", "zone-a")
+    await edge_factory("edge-b", "zone-b")
+    stop = asyncio.Event()
+    device = DeviceAgent(DeviceConfig(core.address, "p-late", "zone-a"))
+    run = asyncio.create_task(device.run(stop))
+    await eventually(lambda: device.archived_seq >= 30, what="30 batches archived via edge-a")
+    await crash(edge_a)
+    await eventually(lambda: "edge-b" in device.stats.edges, timeout=15, what="device on edge-b")
+    mark = device.received_seq
+    await eventually(lambda: device.received_seq > mark + 10, what="acks from edge-b")
+    # A clinician whose view stopped at seq 5 picks up again now: edge-b never held 6..30
+    # (they were archived before it took over), so they come from the archive, then live.
+    viewer = SessionViewer(
+        channel_to(core.address),
+        device.session_id,
+        metadata=await staff(core, "clinician", ("p-late",)),
+        resume_after_seq=5,
+    )
+    seqs: list[int] = []
+    from_archive: list[int] = []
+    missing: list[Missing] = []
+
+    async def watch() -> None:
+        async for ev in viewer:
+            if isinstance(ev, VitalsEvent) and ev.event.HasField("batch"):
+                seqs.append(ev.event.batch.seq)
+                if ev.from_archive:
+                    from_archive.append(ev.event.batch.seq)
+            elif isinstance(ev, Missing):
+                missing.append(ev)
+
+    task = asyncio.create_task(watch())
+    await eventually(lambda: seqs and seqs[-1] > device.received_seq - 5, what="viewer live")
+    stop.set()
+    await asyncio.wait_for(run, 15)
+    last = device.next_seq() - 1
+    await eventually(lambda: seqs[-1] == last, timeout=10, what="viewer saw the last batch")
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert seqs == list(range(6, last + 1)), "a batch shown twice, out of order, or lost"
+    assert not missing
+    assert from_archive[0] == 6 and from_archive[-1] >= 30
+    assert from_archive == seqs[: len(from_archive)]
