@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: setup tools browser demo test bench proto lint clean
+.PHONY: setup tools browser mosquitto demo test bench bench-long proto lint clean
 
 setup: $(STAMP)
 
@@ -25,11 +25,21 @@ demo: setup
 browser:
 	bash scripts/install_browser.sh
 
-test: setup tools browser
+# Debian's Mosquitto for the MQTT baseline (apt; skipped when the mosquitto binary exists).
+mosquitto:
+	bash scripts/install_mosquitto.sh
+
+test: setup tools browser mosquitto
 	$(PY) -m pytest -q
 
-bench: setup
+# The fixed suite, under 10 minutes: results/bench-<UTC>.*, results/latest.*, README block.
+bench: setup mosquitto
 	$(VENV)/bin/telehealth-bench
+
+# The long runs (about 45 minutes): the 30-minute soak and a 10-minute video call;
+# results/long-<UTC>.*, results/latest-long.*, and the README's long-bench block.
+bench-long: setup mosquitto
+	$(VENV)/bin/telehealth-bench --long
 
 proto: setup
 	$(PY) scripts/gen_proto.py
