@@ -48,6 +48,7 @@ def assignment_pb(a: Assignment) -> sessions_pb2.Assignment:
         token=a.token,
         token_expires_unix_ns=a.expires_unix_ns,
         role=ROLE_VALUES[a.role],
+        edge_tls_server_name=a.edge_tls_server_name,
     )
 
 
@@ -74,4 +75,5 @@ def edge_pb(e: EdgeEntry, placed: int) -> edges_pb2.EdgeNode:
         last_heartbeat_unix_ns=e.last_heartbeat_unix_ns,
         placed_sessions=placed,
         http_address=e.http_address,
+        tls_server_name=e.tls_server_name,
     )

@@ -161,6 +161,7 @@ class SqlStore:
         state: EdgeState,
         capacity_sessions: int,
         last_heartbeat_unix_ns: int,
+        tls_server_name: str = "",
     ) -> None:
         values = {
             "edge_id": edge_id,
@@ -169,6 +170,7 @@ class SqlStore:
             "state": state.name,
             "capacity_sessions": capacity_sessions,
             "last_heartbeat_unix_ns": last_heartbeat_unix_ns,
+            "tls_server_name": tls_server_name,
         }
         ins = (pg_insert if self.dialect == "postgresql" else sqlite_insert)(edges).values(**values)
         stmt = ins.on_conflict_do_update(

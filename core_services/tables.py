@@ -42,6 +42,7 @@ edges = Table(
     Column("state", String(16), nullable=False),
     Column("capacity_sessions", Integer, nullable=False),
     Column("last_heartbeat_unix_ns", BigInteger, nullable=False),
+    Column("tls_server_name", String(256), nullable=False, default=""),
 )
 
 archived_batches = Table(

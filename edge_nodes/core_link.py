@@ -97,6 +97,7 @@ class CoreLink:
             sessions=reports,
             sent_unix_ns=time.time_ns(),
             http_address=self.http_address,
+            tls_server_name=self._settings.tls_server_name,
         )
 
     async def _requests(self, stop: asyncio.Event) -> AsyncIterator[edges_pb2.HeartbeatRequest]:

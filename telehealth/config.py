@@ -162,6 +162,11 @@ class EdgeSettings(Settings):
     advertise_address: str = Field(
         "", description="address given to devices; empty means grpc_listen"
     )
+    tls_server_name: str = Field(
+        "",
+        description="name in this edge's server certificate that devices, clinicians and the "
+        "core check when they dial advertise_address (e.g. a pod IP); empty: its host",
+    )
     http_listen: str = Field("127.0.0.1:9102", description="host:port of /metrics")
     core_address: str = Field("127.0.0.1:50051", description="the core's gRPC address")
     capacity_sessions: int = Field(

@@ -192,12 +192,17 @@ def secure_channel(
     tls: TlsFiles | None,
     options: Sequence[tuple[str, Any]] | None = None,
     interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+    server_name: str = "",
 ) -> grpc.aio.Channel:
     """The one way to dial a peer: mTLS when files are configured, plaintext otherwise.
-    The files are read now, so a channel rebuilt after a reconnect uses renewed certificates."""
+    The files are read now, so a channel rebuilt after a reconnect uses renewed certificates.
+    `server_name`: the name the peer's certificate must carry when it differs from the host
+    dialled (an edge pod dialled by IP, its certificate naming the zone's Service)."""
     opts = list(options if options is not None else channel_options())
     if tls is None:
         return grpc.aio.insecure_channel(address, options=opts, interceptors=interceptors)
+    if server_name:
+        opts.append(("grpc.ssl_target_name_override", server_name))
     return grpc.aio.secure_channel(
         address, channel_credentials(tls), options=opts, interceptors=interceptors
     )

@@ -89,6 +89,8 @@ class EdgeEntry:
     stream_token: object = field(default_factory=object)
     # Base URL of the edge's HTTP side (patient page, browser signalling), from heartbeats.
     http_address: str = ""
+    # Name its server certificate carries, when clients dial `address` by IP ("": the host).
+    tls_server_name: str = ""
 
 
 class EdgeRegistry:
@@ -136,6 +138,7 @@ class EdgeRegistry:
                 last_heartbeat_mono=now,
                 last_heartbeat_unix_ns=row["last_heartbeat_unix_ns"],
                 draining=state is EdgeState.DRAINING,
+                tls_server_name=row["tls_server_name"],
             )
         self._export()
 
@@ -161,7 +164,7 @@ class EdgeRegistry:
         return e
 
     async def connect(
-        self, edge_id: str, zone: str, address: str, capacity: int
+        self, edge_id: str, zone: str, address: str, capacity: int, tls_server_name: str = ""
     ) -> tuple[EdgeEntry, asyncio.Queue[Command]]:
         """A heartbeat stream opened: (re)register the edge and give it a fresh outbox."""
         e = self.edges.get(edge_id)
@@ -170,6 +173,7 @@ class EdgeRegistry:
             e = EdgeEntry(edge_id=edge_id, zone=zone, address=address)
             self.edges[edge_id] = e
         e.zone, e.address, e.capacity_sessions = zone, address, capacity
+        e.tls_server_name = tls_server_name
         if e.outbox is not None:
             # An older stream of this edge is still open here: it must not outlive this one.
             e.outbox.put_nowait(EndStream("the edge opened a newer heartbeat stream"))
@@ -272,7 +276,7 @@ class EdgeRegistry:
         if e.outbox is None and not self.shared:
             return False  # its heartbeat stream to this (only) core is gone
         try:
-            async with secure_channel(e.address, self.tls) as ch:
+            async with secure_channel(e.address, self.tls, server_name=e.tls_server_name) as ch:
                 r = await health_pb2_grpc.HealthStub(ch).Check(
                     health_pb2.HealthCheckRequest(), timeout=timeout_s
                 )
@@ -342,6 +346,7 @@ class EdgeRegistry:
                 e = EdgeEntry(edge_id=row["edge_id"], zone=row["zone"], address=row["address"])
                 self.edges[e.edge_id] = e
             e.zone, e.address = row["zone"], row["address"]
+            e.tls_server_name = row["tls_server_name"]
             e.state = row["state"]
             e.draining = e.state is EdgeState.DRAINING
             e.capacity_sessions = row["capacity_sessions"]
@@ -429,6 +434,7 @@ class EdgeRegistry:
             state=e.state,
             capacity_sessions=e.capacity_sessions,
             last_heartbeat_unix_ns=e.last_heartbeat_unix_ns,
+            tls_server_name=e.tls_server_name,
         )
 
     def _export(self) -> None:

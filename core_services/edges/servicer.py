@@ -93,7 +93,11 @@ class EdgesServicer(edges_pb2_grpc.EdgesServiceServicer):
             raise InvalidArgument("the first heartbeat must name edge_id, zone and address")
         edge_id = first.edge_id
         entry, outbox = await self._registry.connect(
-            edge_id, first.zone, first.address, first.load.capacity_sessions or 1000
+            edge_id,
+            first.zone,
+            first.address,
+            first.load.capacity_sessions or 1000,
+            first.tls_server_name,
         )
         token = entry.stream_token
         await self._apply(first, token)

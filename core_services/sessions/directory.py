@@ -74,6 +74,8 @@ class Assignment:
     token: str
     expires_unix_ns: int
     role: str
+    # Name the edge's certificate carries when edge_address is an IP ("": its host).
+    edge_tls_server_name: str = ""
 
 
 class WatcherFellBehind(ResourceExhausted):
@@ -754,13 +756,15 @@ class SessionDirectory:
             zone=s.zone,
             spo2_scale=s.spo2_scale,
         )
+        e = self._registry.edges.get(s.edge_id)
         return Assignment(
             session_id=s.session_id,
             edge_id=s.edge_id,
-            edge_address=self.address_of(s),
+            edge_address="" if e is None else e.address,
             token=token,
             expires_unix_ns=exp,
             role=role,
+            edge_tls_server_name="" if e is None else e.tls_server_name,
         )
 
     async def _assign_on_edge(self, s: Session) -> None:

@@ -433,3 +433,86 @@ async def test_two_replicas_confirm_a_session_coming_back_to_its_edge(
             await c.stop(grace=0)
         await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
         await admin.close()
+
+
+async def test_edge_dialled_by_ip_is_checked_against_its_tls_server_name(tmp_path: Path) -> None:
+    """In a cluster an edge is dialled by pod IP but its certificate names its Service: the
+    name travels heartbeat -> registry -> assignment, and the core's own probe uses it."""
+    from edge_nodes.server import EdgeServer
+    from telehealth.config import EdgeSettings
+    from telehealth.rpc import bearer, secure_channel
+    from telehealth.security.pki import init_pki, load_authority, write_certificate
+    from telehealth.security.tls import TlsFiles
+    from tests.conftest import core_settings
+
+    pki = init_pki(tmp_path / "pki", services=["core"])
+    ca = load_authority(tmp_path / "pki")
+    assert ca is not None
+    name = "telehealth-edge-zone-a"
+    edge_tls = write_certificate(tmp_path / "pki", ca, "edge-a", [name])  # no IP in it
+
+    def tls_kw(f: TlsFiles) -> dict[str, str]:
+        return {
+            "tls_cert_file": str(f.cert),
+            "tls_key_file": str(f.key),
+            "tls_ca_file": str(f.ca),
+        }
+
+    core = CoreServer(core_settings(tmp_path, **tls_kw(pki["core"])))
+    await core.start()
+    edge = EdgeServer(
+        EdgeSettings.model_validate(
+            {
+                "edge_id": "edge-a",
+                "zone": "zone-a",
+                "grpc_listen": "127.0.0.1:0",
+                "http_listen": "127.0.0.1:0",
+                "core_address": core.address,
+                "heartbeat_interval_s": 0.1,
+                "log_format": "text",
+                "data_dir": tmp_path / "edge-a",
+                "tls_server_name": name,
+                **tls_kw(edge_tls),
+            }
+        )
+    )
+    try:
+        await edge.start()
+        async with secure_channel(core.address, pki["device"]) as ch:
+            sessions = sessions_pb2_grpc.SessionsServiceStub(ch)
+            opened = await sessions.Open(
+                sessions_pb2.OpenSessionRequest(patient_id="p-1", zone="zone-a"), timeout=5
+            )
+            a = opened.assignment
+            assert (a.edge_address, a.edge_tls_server_name) == (edge.address, name)
+
+            async def health(server_name: str) -> grpc.StatusCode:
+                async with secure_channel(
+                    a.edge_address, pki["device"], server_name=server_name
+                ) as e:
+                    try:
+                        await health_pb2_grpc.HealthStub(e).Check(
+                            health_pb2.HealthCheckRequest(), timeout=3
+                        )
+                    except grpc.aio.AioRpcError as err:
+                        return err.code()
+                return grpc.StatusCode.OK
+
+            assert await health(name) == grpc.StatusCode.OK
+            assert await health("") == grpc.StatusCode.UNAVAILABLE  # 127.0.0.1 is not in it
+            # A device that says the edge is unreachable: the core's probe reaches it by name,
+            # so the edge is not declared dead and the session stays.
+            attached = await sessions.Attach(
+                sessions_pb2.AttachSessionRequest(
+                    session_id=opened.session.session_id,
+                    role=sessions_pb2.ROLE_PUBLISHER,
+                    unreachable_edge_id="edge-a",
+                ),
+                metadata=bearer(a.token),
+                timeout=5,
+            )
+            assert attached.assignment.edge_id == "edge-a"
+            assert attached.assignment.edge_tls_server_name == name
+    finally:
+        await edge.stop(grace=0)
+        await core.stop(grace=0)
