@@ -9,7 +9,8 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_nodes.scoring.validation import impossible_reason
-from telehealth.errors import InvalidArgument, ResourceExhausted
+from telehealth.errors import InvalidArgument, PermissionDenied, ResourceExhausted
+from telehealth.security.tokens import SessionClaims
 from telehealth.v1 import vitals_pb2
 from telehealth.watermark import Watermark
 
@@ -25,6 +26,24 @@ def check_ahead(watermark: Watermark, seq: int) -> None:
         raise InvalidArgument(
             f"seq {seq} is more than {MAX_SEQ_AHEAD} ahead of the received watermark "
             f"{watermark.value}; resend from {watermark.value + 1}"
+        )
+
+
+def check_refresh(current: SessionClaims, fresh: SessionClaims) -> None:
+    """A refresh token may only extend a stream: same session, role and edge, later expiry."""
+    for what, have, got in (
+        ("session", current.session_id, fresh.session_id),
+        ("role", current.role, fresh.role),
+        ("edge", current.edge_id, fresh.edge_id),
+    ):
+        if have != got:
+            raise PermissionDenied(
+                f"refresh token is for {what} {got or '(none)'!r}, this stream's is {have!r}"
+            )
+    if fresh.expires_unix <= current.expires_unix:
+        raise InvalidArgument(
+            f"refresh token expires at unix {fresh.expires_unix}, not after the stream's "
+            f"token ({current.expires_unix}); attach again for a fresh one"
         )
 
 

@@ -9,10 +9,18 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from edge_nodes.journal import Journal, JournalError
+from edge_nodes.vitals.domain import check_refresh
 from edge_nodes.vitals.fanout import Subscriber, SubscriberClosed
 from edge_nodes.vitals.pipeline import Event, SessionChannel
 from edge_nodes.vitals.sessions import EdgeSessions
-from telehealth.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
+from telehealth.errors import (
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from telehealth.rpc import Context, status_of, token_from
 from telehealth.security.tokens import SessionClaims, TokenVerifier
 from telehealth.telemetry.metrics import EdgeMetrics
@@ -22,6 +30,7 @@ log = logging.getLogger(__name__)
 
 # Journal entries read per step of a resume's replay.
 REPLAY_PAGE = 256
+TOKEN_EXPIRED = "token expired; attach again for a fresh one"
 
 
 class _PublishStream:
@@ -38,6 +47,27 @@ class _PublishStream:
         self.duplicates = 0
         self.rejections: deque[vitals_pb2.BatchRejection] = deque()
         self.moving_sent: vitals_pb2.SessionMoving | None = None
+        self.claims: SessionClaims | None = None
+        self.expired = False
+        self._expiry: asyncio.TimerHandle | None = None
+
+    def expire_at(self, claims: SessionClaims) -> None:
+        """End the stream when this token expires (a refresh moves the end later)."""
+        self.claims = claims
+        if self._expiry is not None:
+            self._expiry.cancel()
+        loop = asyncio.get_running_loop()
+        self._expiry = loop.call_at(
+            loop.time() + max(0.0, claims.expires_unix - time.time()), self._expire
+        )
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.wake()
+
+    def close(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
 
     def responses(self) -> list[vitals_pb2.PublishVitalsResponse]:
         ch = self.channel
@@ -121,7 +151,10 @@ class VitalsServicer(vitals_pb2_grpc.VitalsServiceServicer):
                 ch = st.channel
                 if ch is not None and ch.released is not None:
                     raise FailedPrecondition(ch.released)
+                if st.expired:
+                    raise Unauthenticated(TOKEN_EXPIRED)
         finally:
+            st.close()
             reader.cancel()
             ch = st.channel
             if ch is not None:
@@ -141,9 +174,12 @@ class VitalsServicer(vitals_pb2_grpc.VitalsServiceServicer):
             channel = st.channel
             if channel is None:
                 if not batch.session_id:
-                    raise InvalidArgument("batch.session_id must be set")
+                    raise InvalidArgument(
+                        "batch.session_id must be set (the first request carries a batch)"
+                    )
                 claims = self._claims(context, batch.session_id, ("publisher",))
                 channel = await self._sessions.channel_for(claims)
+                st.expire_at(claims)
                 st.channel = channel
                 channel.publishers += 1
                 channel.publisher_wakers.add(st.wake)
@@ -153,7 +189,11 @@ class VitalsServicer(vitals_pb2_grpc.VitalsServiceServicer):
                     "publisher connected",
                     extra={"session": channel.session_id, "edge": self._sessions.edge_id},
                 )
-            elif batch.session_id != channel.session_id:
+            if req.refresh_token:
+                self._refresh(req.refresh_token, channel.session_id, st)
+                if not req.HasField("batch"):
+                    continue
+            if batch.session_id != channel.session_id:
                 raise PermissionDenied(
                     f"this stream publishes session {channel.session_id}, not {batch.session_id}"
                 )
@@ -216,6 +256,27 @@ class VitalsServicer(vitals_pb2_grpc.VitalsServiceServicer):
             st.ack_due = True
             st.wake()
 
+    def _refresh(self, token: str, session_id: str, st: _PublishStream) -> None:
+        """Extend the stream with a fresh token, or tell the device in-band why not: a bad
+        refresh never ends a stream whose own token is still good."""
+        assert st.claims is not None
+        try:
+            fresh = self._verifier.verify(token, session_id=session_id, roles=("publisher",))
+            check_refresh(st.claims, fresh)
+        except DomainError as e:
+            st.rejections.append(
+                vitals_pb2.BatchRejection(
+                    seq=0,
+                    code=status_of(e).value[0],
+                    message=f"refresh_token refused: {e.message}; this stream keeps its "
+                    f"token until it expires at unix {st.claims.expires_unix}",
+                )
+            )
+            log.info("refresh refused", extra={"session": session_id, "reason": e.code.value})
+            st.wake()
+            return
+        st.expire_at(fresh)
+
     async def Subscribe(
         self, request: vitals_pb2.SubscribeVitalsRequest, context: Context
     ) -> AsyncIterator[vitals_pb2.SubscribeVitalsResponse]:
@@ -233,6 +294,16 @@ class VitalsServicer(vitals_pb2_grpc.VitalsServiceServicer):
         m.subscribers.inc()
         log.info("subscriber joined", extra={"session": channel.session_id})
         resume_after = request.resume_after_seq
+        # When the token expires the view ends; the viewer attaches again and resumes
+        # after its last seq, losing nothing.
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            sub.close(TOKEN_EXPIRED)
+
+        loop = asyncio.get_running_loop()
+        expiry = loop.call_at(loop.time() + max(0.0, claims.expires_unix - time.time()), expire)
         try:
             # Seqs replayed from the journal: their live copies (committed before the
             # replay read them, fanned out after this view joined) are skipped once.
@@ -245,7 +316,11 @@ class VitalsServicer(vitals_pb2_grpc.VitalsServiceServicer):
                 try:
                     dropped, events = await sub.take()
                 except SubscriberClosed as closed:
+                    if expired:
+                        raise Unauthenticated(TOKEN_EXPIRED) from None
                     raise FailedPrecondition(closed.reason) from None
+                if expired:
+                    raise Unauthenticated(TOKEN_EXPIRED)
                 if dropped:
                     yield vitals_pb2.SubscribeVitalsResponse(
                         session_id=channel.session_id,
@@ -270,6 +345,7 @@ class VitalsServicer(vitals_pb2_grpc.VitalsServiceServicer):
                 # so the first take held them all.
                 replayed.clear()
         finally:
+            expiry.cancel()
             channel.fanout.remove(sub)
             m.subscribers.dec()
 

@@ -325,3 +325,72 @@ async def test_include_latest_replays_each_value_with_its_own_time(
     news2 = await next_event(view, "news2")
     assert news2.news2.seq == 2 and news2.news2.total == 1  # pulse 101 scores 1
     view.cancel()
+
+
+async def stream_error(call: grpc.aio.Call) -> grpc.aio.AioRpcError:
+    """Read the stream until it fails; return the failure."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
+            pass
+    return err.value
+
+
+async def test_streams_end_when_their_token_expires_unless_refreshed(
+    core: CoreServer,
+    edge_factory: EdgeFactory,
+    channel_to: ChannelTo,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    edge = await edge_factory()
+    other = await open_session(core, channel_to)
+    # The core's own issuer, with a lifetime short enough to watch tokens expire; every
+    # token the stream needs later is taken at once, inside that lifetime.
+    monkeypatch.setattr(core.issuer, "ttl_s", 3)
+    opened = await open_session(core, channel_to)
+    sid, short = opened.session.session_id, opened.assignment.token
+    short_viewer = await viewer_token(core, channel_to, sid)
+    monkeypatch.setattr(core.issuer, "ttl_s", 60)
+    sessions = sessions_pb2_grpc.SessionsServiceStub(channel_to(core.address))
+    fresh = await sessions.Attach(
+        sessions_pb2.AttachSessionRequest(session_id=sid, role=sessions_pb2.ROLE_PUBLISHER),
+        metadata=bearer(short),
+    )
+    vitals = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
+    view = vitals.Subscribe(
+        vitals_pb2.SubscribeVitalsRequest(session_id=sid), metadata=bearer(short_viewer)
+    )
+    kept, lapsing = Feed(), Feed()
+    pub = vitals.Publish(kept.requests(), metadata=bearer(short))
+    control = vitals.Publish(lapsing.requests(), metadata=bearer(short))
+    kept.send(make_batch(sid, 1))
+    assert (await read_ack(pub)).received_seq == 1
+    lapsing.send(make_batch(sid, 2))
+    assert (await read_ack(control)).received_seq == 2
+
+    # Bad refreshes are refused in-band with the reason; the stream goes on.
+    for bad, code, named in [
+        ("x.y.z", grpc.StatusCode.UNAUTHENTICATED, "malformed"),
+        (other.assignment.token, grpc.StatusCode.PERMISSION_DENIED, "session"),
+        (short_viewer, grpc.StatusCode.PERMISSION_DENIED, "role"),
+    ]:
+        kept.send(refresh_token=bad)
+        refused = await read_ack(pub)
+        assert refused.rejection.seq == 0 and refused.rejection.code == code.value[0]
+        assert "refresh_token refused" in refused.rejection.message
+        assert named in refused.rejection.message
+    kept.send(make_batch(sid, 3))
+    assert (await read_ack(pub)).received_seq == 3
+
+    # A good refresh (a fresh publisher token from Attach) extends the stream.
+    kept.send(refresh_token=fresh.assignment.token)
+
+    # The stream that was not refreshed, and the viewer, end as their token expires...
+    for call in (control, view):
+        err = await asyncio.wait_for(stream_error(call), 30)
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert err.details() == "token expired; attach again for a fresh one"
+    # ...while the refreshed one, opened with the same token, still takes batches.
+    kept.send(make_batch(sid, 4))
+    ack = await read_ack(pub)
+    assert ack.received_seq == 4 and not ack.HasField("rejection")
+    kept.close()

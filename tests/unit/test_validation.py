@@ -1,4 +1,5 @@
-"""Impossible and malformed vital signs are named with their value and allowed range."""
+"""Impossible and malformed vital signs are named with their value and allowed range; a
+stream's token refresh is checked."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from edge_nodes.scoring.validation import (
     impossible_reason,
     validate_vitals,
 )
+from edge_nodes.vitals.domain import check_refresh
+from telehealth.errors import InvalidArgument, PermissionDenied
+from telehealth.security.tokens import SessionClaims
 
 
 def test_plausible_reading_passes() -> None:
@@ -123,3 +127,32 @@ def test_validate_vitals_raises_with_stable_code() -> None:
         validate_vitals(heart_rate_bpm=400)
     assert caught.value.code == "IMPOSSIBLE_VITALS"
     validate_vitals(heart_rate_bpm=60)
+
+
+def claims(**kw: object) -> SessionClaims:
+    values: dict[str, object] = {
+        "session_id": "ses_1",
+        "role": "publisher",
+        "edge_id": "edge-a",
+        "zone": "zone-a",
+        "spo2_scale": 1,
+        "expires_unix": 1_000,
+        "subject_id": "",
+    }
+    values.update(kw)
+    return SessionClaims(**values)  # type: ignore[arg-type]
+
+
+def test_refresh_only_extends_the_same_stream() -> None:
+    check_refresh(claims(), claims(expires_unix=1_900))
+    for fresh, named in [
+        (claims(session_id="ses_2", expires_unix=2_000), "session"),
+        (claims(role="viewer", expires_unix=2_000), "role"),
+        (claims(edge_id="edge-b", expires_unix=2_000), "edge"),
+        (claims(edge_id="", expires_unix=2_000), "(none)"),
+    ]:
+        with pytest.raises(PermissionDenied, match=named):
+            check_refresh(claims(), fresh)
+    for same_or_earlier in (1_000, 999):
+        with pytest.raises(InvalidArgument, match="not after"):
+            check_refresh(claims(), claims(expires_unix=same_or_earlier))
