@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Brings up telehealth-mesh on a local kind cluster: cluster (one control plane, three
-# zone workers), image build and load, optional Prometheus/Grafana, then the chart.
+# zone workers, node ports published on 127.0.0.1), image build and load, optional
+# Prometheus/Grafana, optional mTLS, then the chart with deploy/kind/values.yaml. Prints the
+# addresses of the console, the core, each zone's edge and the operator's login.
 #
 # Environment knobs:
-#   CLUSTER_NAME   kind cluster name             (default: telehealth)
-#   NAMESPACE      namespace of the release      (default: telehealth)
-#   RELEASE        Helm release name             (default: telehealth)
-#   IMAGE          image to build and load       (default: telehealth-mesh:dev)
-#   KIND_NODE_IMAGE  kindest/node image to run   (default: kind's own)
-#   MONITORING     1 installs kube-prometheus-stack for Grafana and alerts (default: 1)
-#   HELM_ARGS      extra arguments for helm upgrade --install
+#   CLUSTER_NAME     kind cluster name                       (default: telehealth)
+#   NAMESPACE        namespace of the release                (default: telehealth)
+#   RELEASE          Helm release name                       (default: telehealth)
+#   IMAGE            image to build and load                 (default: telehealth-mesh:dev)
+#   KIND_NODE_IMAGE  kindest/node image to run               (default: kind's own)
+#   MONITORING       1 installs kube-prometheus-stack for Grafana and alerts (default: 1)
+#   TLS              1 turns on mTLS with certificates from `telehealth-ctl pki init`, made
+#                    with the image just built into var/kind-pki (default: 0)
+#   HELM_ARGS        extra arguments for helm upgrade --install
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -18,8 +22,13 @@ NAMESPACE="${NAMESPACE:-telehealth}"
 RELEASE="${RELEASE:-telehealth}"
 IMAGE="${IMAGE:-telehealth-mesh:dev}"
 MONITORING="${MONITORING:-1}"
+TLS="${TLS:-0}"
 KIND_NODE_IMAGE="${KIND_NODE_IMAGE:-}"
 CHART="$ROOT/deploy/helm/telehealth-mesh"
+VALUES="$ROOT/deploy/kind/values.yaml"
+# deploy/kind/values.yaml sets fullnameOverride, so object names do not depend on RELEASE.
+FULLNAME=telehealth
+PKI_DIR="$ROOT/var/kind-pki"
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'up.sh: %s\n' "$*" >&2; exit 1; }
@@ -41,9 +50,9 @@ image_tag="${IMAGE##*:}"
 [[ "$image_repo" != "$IMAGE" ]] || die "IMAGE must be repository:tag, got '$IMAGE'"
 
 if kind get clusters 2>/dev/null | grep -qx "$CLUSTER_NAME"; then
-    say "kind cluster '$CLUSTER_NAME' exists; reusing it"
+    say "kind cluster '$CLUSTER_NAME' exists; reusing it (port mappings are those it was created with)"
 else
-    say "creating kind cluster '$CLUSTER_NAME' (1 control plane, workers in zone-a, zone-b, zone-c)"
+    say "creating kind cluster '$CLUSTER_NAME' (1 control plane, workers in zone-a, zone-b, zone-c; node ports on 127.0.0.1)"
     create_args=(create cluster --name "$CLUSTER_NAME" --config "$ROOT/deploy/kind/cluster.yaml" --wait 120s)
     if [[ -n "$KIND_NODE_IMAGE" ]]; then
         create_args+=(--image "$KIND_NODE_IMAGE")
@@ -57,6 +66,28 @@ docker build --tag "$IMAGE" "$ROOT"
 
 say "loading $IMAGE into the kind nodes"
 kind load docker-image "$IMAGE" --name "$CLUSTER_NAME"
+
+kubectl create namespace "$NAMESPACE" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+
+tls_args=()
+if [[ "$TLS" == "1" ]]; then
+    say "making certificates in $PKI_DIR with telehealth-ctl pki init (existing ones are kept)"
+    mkdir -p "$PKI_DIR"
+    hosts="$FULLNAME-core.$NAMESPACE.svc"
+    for z in zone-a zone-b zone-c; do hosts="$hosts,$FULLNAME-edge-$z.$NAMESPACE.svc"; done
+    # The image's own telehealth-ctl, so the host needs no Python. "edges-<zone>" names make
+    # zone certificates (spiffe://telehealth/zone/<zone>).
+    docker run --rm --user "$(id -u):$(id -g)" -v "$PKI_DIR:/pki" "$IMAGE" \
+        telehealth-ctl pki init --dir /pki --edges edges-zone-a,edges-zone-b,edges-zone-c --hosts "$hosts"
+    secret() {  # name cert-basename: an idempotent create of one kubernetes.io/tls-like Secret
+        kubectl -n "$NAMESPACE" create secret generic "$1" \
+            --from-file=tls.crt="$PKI_DIR/$2.crt" --from-file=tls.key="$PKI_DIR/$2.key" \
+            --from-file=ca.crt="$PKI_DIR/ca.crt" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+    }
+    secret telehealth-pki-core core
+    for z in zone-a zone-b zone-c; do secret "telehealth-pki-zone-$z" "edges-$z"; done
+    tls_args=(--set tls.enabled=true --set tls.existingSecretPrefix=telehealth-pki)
+fi
 
 monitoring_args=()
 if [[ "$MONITORING" == "1" ]]; then
@@ -72,30 +103,55 @@ if [[ "$MONITORING" == "1" ]]; then
     monitoring_args=(--set monitoring.enabled=true)
 fi
 
-say "installing chart $CHART as release '$RELEASE' in namespace '$NAMESPACE'"
+say "installing chart $CHART as release '$RELEASE' in namespace '$NAMESPACE' (values: deploy/kind/values.yaml)"
 # shellcheck disable=SC2086 # HELM_ARGS is a list of words on purpose
 helm upgrade --install "$RELEASE" "$CHART" \
     --namespace "$NAMESPACE" --create-namespace \
+    --values "$VALUES" \
     --set image.repository="$image_repo" \
     --set image.tag="$image_tag" \
-    --set image.pullPolicy=Never \
+    ${tls_args[@]+"${tls_args[@]}"} \
     ${monitoring_args[@]+"${monitoring_args[@]}"} \
     --wait --timeout 5m ${HELM_ARGS:-}
 
 kubectl -n "$NAMESPACE" get pods -o wide -l "app.kubernetes.io/instance=$RELEASE"
 
-core_svc="$(kubectl -n "$NAMESPACE" get svc -l "app.kubernetes.io/instance=$RELEASE,app.kubernetes.io/component=core" -o jsonpath='{.items[0].metadata.name}')"
+# What the host reaches, read back from the cluster rather than assumed: the Services' node
+# ports (cluster.yaml maps each to the same port on 127.0.0.1) and what the edges advertise.
+node_port() {  # service port-name
+    kubectl -n "$NAMESPACE" get svc "$1" -o jsonpath="{.spec.ports[?(@.name==\"$2\")].nodePort}"
+}
+core_grpc="127.0.0.1:$(node_port "$FULLNAME-core" grpc)"
+console="http://127.0.0.1:$(node_port "$FULLNAME-core" http)/console"
+tls_flags=""
+if [[ "$TLS" == "1" ]]; then
+    tls_flags=" --tls-cert-file $PKI_DIR/operator.crt --tls-key-file $PKI_DIR/operator.key --tls-ca-file $PKI_DIR/ca.crt"
+fi
+
 cat <<MSG
 
-telehealth-mesh is up on kind cluster '$CLUSTER_NAME'.
+telehealth-mesh is up on kind cluster '$CLUSTER_NAME' (namespace $NAMESPACE).
 
-Clinician console and core metrics:
-  kubectl -n $NAMESPACE port-forward svc/$core_svc 8080:8080
-  open http://127.0.0.1:8080/
+Clinician console:   $console
+Core gRPC (devices open sessions here, telehealth-ctl --core): $core_grpc
+MSG
+env_of() {  # zone variable: the value of one env var of the zone's edge container
+    kubectl -n "$NAMESPACE" get deployment "$FULLNAME-edge-$1" \
+        -o jsonpath="{.spec.template.spec.containers[0].env[?(@.name==\"$2\")].value}"
+}
+printf '\nEdges, per zone (what the edges advertise to devices and browsers):\n'
+for z in zone-a zone-b zone-c; do
+    printf '  %s: gRPC %s   HTTP %s (patient page %s/patient)   media %s-%s/UDP\n' "$z" \
+        "$(env_of "$z" TELEHEALTH_ADVERTISE_ADDRESS)" "$(env_of "$z" TELEHEALTH_HTTP_ADVERTISE_URL)" \
+        "$(env_of "$z" TELEHEALTH_HTTP_ADVERTISE_URL)" \
+        "$(env_of "$z" TELEHEALTH_MEDIA_UDP_PORT_MIN)" "$(env_of "$z" TELEHEALTH_MEDIA_UDP_PORT_MAX)"
+done
 
-Operator CLI against the core:
-  kubectl -n $NAMESPACE port-forward svc/$core_svc 50051:50051
-  telehealth-ctl edges
+cat <<MSG
+
+Operator CLI:
+  telehealth-ctl --core $core_grpc$tls_flags login operator
+  telehealth-ctl --core $core_grpc$tls_flags edges
 MSG
 if [[ "$MONITORING" == "1" ]]; then
     cat <<MSG

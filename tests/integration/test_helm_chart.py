@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "telehealth-mesh"
 VALUES_DIR = Path(__file__).resolve().parent / "helm_values"
 KIND_CONFIG = ROOT / "deploy" / "kind" / "cluster.yaml"
+KIND_VALUES = ROOT / "deploy" / "kind" / "values.yaml"
 DASHBOARD = CHART / "dashboards" / "telehealth.json"
 K8S_VERSION = "1.31.0"
 RELEASE = "mesh"
@@ -43,7 +44,21 @@ NAMESPACE = "telehealth"
 
 # Objects of these API groups are CRDs: no schema in kubernetes-validate; checked by shape.
 CRD_GROUPS = {"monitoring.coreos.com", "cert-manager.io"}
-VALUE_SETS = ["default", "one-zone", "five-zones", "external-postgresql", "monitoring", "turn"]
+# "kind" is deploy/kind/values.yaml, what up.sh installs; the others are in helm_values/.
+VALUE_SETS = [
+    "default",
+    "one-zone",
+    "five-zones",
+    "external-postgresql",
+    "monitoring",
+    "turn",
+    "kind",
+]
+
+
+def values_file(value_set: str) -> Path:
+    return KIND_VALUES if value_set == "kind" else VALUES_DIR / f"{value_set}.yaml"
+
 
 Obj = dict[str, Any]
 
@@ -77,7 +92,7 @@ def template_args(value_set: str, *extra: str, server: bool = False) -> list[str
     args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
     args += ["--dry-run=server"] if server else ["--kube-version", K8S_VERSION]
     if value_set != "default":
-        args += ["--values", str(VALUES_DIR / f"{value_set}.yaml")]
+        args += ["--values", str(values_file(value_set))]
     return [*args, *extra]
 
 
@@ -91,7 +106,7 @@ def render(value_set: str, *extra: str) -> tuple[Obj, ...]:
 def values_of(value_set: str) -> Obj:
     base: Obj = yaml.safe_load((CHART / "values.yaml").read_text())
     if value_set != "default":
-        override = yaml.safe_load((VALUES_DIR / f"{value_set}.yaml").read_text())
+        override = yaml.safe_load(values_file(value_set).read_text())
         for k, v in override.items():
             base[k] = (
                 {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
@@ -126,9 +141,7 @@ def test_helm_lint_strict() -> None:
     out = run_helm("lint", "--strict", str(CHART))
     assert out.returncode == 0, out.stdout + out.stderr
     for value_set in VALUE_SETS[1:]:
-        out = run_helm(
-            "lint", "--strict", str(CHART), "--values", str(VALUES_DIR / f"{value_set}.yaml")
-        )
+        out = run_helm("lint", "--strict", str(CHART), "--values", str(values_file(value_set)))
         assert out.returncode == 0, f"{value_set}: {out.stdout}{out.stderr}"
 
 
@@ -224,30 +237,79 @@ def _ports(rules: list[Obj]) -> set[tuple[str, int, int | None]]:
     }
 
 
+def _policies(objs: tuple[Obj, ...]) -> dict[str, Obj]:
+    """NetworkPolicies by name without the release's fullname prefix."""
+    pols = of_kind(objs, "NetworkPolicy")
+    (deny,) = [
+        p["metadata"]["name"] for p in pols if p["metadata"]["name"].endswith("-default-deny")
+    ]
+    prefix = deny.removesuffix("default-deny")
+    return {p["metadata"]["name"].removeprefix(prefix): p["spec"] for p in pols}
+
+
+def _ingress_to(pols: dict[str, Obj], comp: str, zone: str | None = None) -> list[Obj]:
+    """Every ingress rule of the policies that select pods of a component (and zone)."""
+    rules: list[Obj] = []
+    for spec in pols.values():
+        sel = spec["podSelector"]
+        labels = sel.get("matchLabels", {})
+        comps = [
+            e["values"] for e in sel.get("matchExpressions", []) if e["key"].endswith("component")
+        ]
+        if labels.get("app.kubernetes.io/component", comp) != comp or any(
+            comp not in c for c in comps
+        ):
+            continue
+        if zone is not None and labels.get("telehealth.io/zone", zone) != zone:
+            continue
+        rules += spec.get("ingress", [])
+    return rules
+
+
+MONITORING_NS = [
+    {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+]
+
+
 @pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_network_policies_deny_by_default_and_allow_only_the_mesh(value_set: str) -> None:
     objs = render(value_set)
     values = values_of(value_set)
-    pols = {
-        p["metadata"]["name"].removeprefix(f"{RELEASE}-telehealth-mesh-"): p["spec"]
-        for p in of_kind(objs, "NetworkPolicy")
-    }
+    np = values["networkPolicy"]
+    pols = _policies(objs)
     deny = pols["default-deny"]
     assert set(deny["policyTypes"]) == {"Ingress", "Egress"}
     assert "ingress" not in deny and "egress" not in deny
     assert deny["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
 
-    r = values["media"]["udpPortRange"]
-    devices = pols["edge-allow-devices"]
-    assert devices["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "edge"
-    (rule,) = devices["ingress"]
-    assert "from" not in rule  # any source: devices are anywhere
-    assert _ports([rule]) == {("TCP", 50061, None), ("UDP", r["min"], r["max"])}
+    # Devices reach each zone's edges on gRPC, HTTP and that zone's media range, from anywhere.
+    for z in values["zones"]:
+        r = z.get("mediaUdpPortRange", values["media"]["udpPortRange"])
+        (rule,) = pols[f"edge-{z['name']}-allow-devices"]["ingress"]
+        assert "from" not in rule
+        assert _ports([rule]) == {
+            ("TCP", 50061, None),
+            ("TCP", 9102, None),
+            ("UDP", r["min"], r["max"]),
+        }
 
-    core_in = pols["core-allow-edges"]["ingress"]
-    edge_peer = core_in[0]["from"][0]["podSelector"]["matchLabels"]
+    # The core: edges and devices on gRPC only; HTTP (console, /metrics) only from the peers named.
+    core_in = _ingress_to(pols, "core")
+    grpc_rules = [r for r in core_in if ("TCP", 50051, None) in _ports([r])]
+    http_rules = [r for r in core_in if ("TCP", 8080, None) in _ports([r])]
+    assert all(_ports([r]) <= {("TCP", 50051, None)} for r in grpc_rules)
+    edge_peer = pols["core-allow-edges"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
     assert edge_peer["app.kubernetes.io/component"] == "edge"
-    assert all("from" in rule for rule in core_in), "core must not be open to any source"
+    (devices,) = pols["core-allow-devices"]["ingress"]
+    assert _ports([devices]) == {("TCP", 50051, None)} and "from" not in devices
+    assert all("from" in r for r in http_rules), "the console must not be open to any source"
+    http_peers = sorted(json.dumps(p, sort_keys=True) for r in http_rules for p in r["from"])
+    allowed = np.get("consoleFrom", []) + np.get("metricsFrom", MONITORING_NS)
+    assert http_peers == sorted(json.dumps(p, sort_keys=True) for p in allowed)
+    assert ("core-allow-console" in pols) == bool(np.get("consoleFrom"))
+    # Scrapes come from the monitoring namespace by default, not from every namespace.
+    assert pols["allow-metrics"]["ingress"][0]["from"] == np.get("metricsFrom", MONITORING_NS)
+    assert _ports(pols["allow-metrics"]["ingress"]) == {("TCP", 8080, None), ("TCP", 9102, None)}
 
     dns = pols["allow-dns"]["egress"][0]
     assert _ports([dns]) == {("UDP", 53, None), ("TCP", 53, None)}
@@ -255,8 +317,57 @@ def test_network_policies_deny_by_default_and_allow_only_the_mesh(value_set: str
     core_out = pols["core-egress"]["egress"]
     has_pg = any(("TCP", 5432, None) in _ports([e]) for e in core_out)
     assert has_pg == values["externalPostgresql"]["enabled"]
-    assert "metrics" in " ".join(pols) or "allow-metrics" in pols
-    assert _ports(pols["allow-metrics"]["ingress"]) == {("TCP", 8080, None), ("TCP", 9102, None)}
+    expected = {
+        "default-deny",
+        "allow-dns",
+        "edge-allow-media-egress",
+        "edge-to-core",
+        "core-allow-edges",
+        "core-allow-devices",
+        "core-egress",
+        "allow-metrics",
+    }
+    expected |= {f"edge-{z['name']}-allow-devices" for z in values["zones"]}
+    expected |= {"core-allow-console"} if np.get("consoleFrom") else set()
+    expected |= {"turn"} if values["turn"]["enabled"] else set()
+    assert set(pols) == expected
+
+
+def test_devices_to_core_can_be_closed_or_narrowed() -> None:
+    assert "core-allow-devices" not in _policies(
+        render("default", "--set", "networkPolicy.devicesToCore.enabled=false")
+    )
+    gateway = "networkPolicy.devicesToCore.from[0].namespaceSelector.matchLabels.role=gateway"
+    (rule,) = _policies(render("default", "--set", gateway))["core-allow-devices"]["ingress"]
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"role": "gateway"}}}]
+
+
+def test_api_server_egress_names_the_api_servers_addresses(tmp_path: Path) -> None:
+    """Where the addresses can be known (at install, from the cluster), only they are allowed."""
+    offline = _policies(render("default"))["core-egress"]["egress"]
+    assert {"ipBlock": {"cidr": "0.0.0.0/0"}} in offline[1]["to"]  # helm template: unknown
+    with serve_kube_api(tmp_path) as (api, kubeconfig):
+        api.put("/api/v1", "services", {
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "kubernetes", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"],
+                     "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]},
+        })  # fmt: skip
+        api.put("/apis/discovery.k8s.io/v1", "endpointslices", {
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+            "metadata": {"name": "kubernetes", "namespace": "default"},
+            "endpoints": [{"addresses": ["172.18.0.2"], "conditions": {"ready": True}}],
+            "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}],
+        })  # fmt: skip
+        out = run_helm(*template_args("default", server=True), kubeconfig=kubeconfig)
+        assert out.returncode == 0, out.stderr
+    objs = tuple(d for d in yaml.safe_load_all(out.stdout) if d)
+    egress = _policies(objs)["core-egress"]["egress"]
+    api_rules = [e for e in egress if "ipBlock" in e["to"][0]]
+    assert [(e["to"], _ports([e])) for e in api_rules] == [
+        ([{"ipBlock": {"cidr": "10.96.0.1/32"}}], {("TCP", 443, None)}),
+        ([{"ipBlock": {"cidr": "172.18.0.2/32"}}], {("TCP", 6443, None)}),
+    ]
 
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
@@ -266,9 +377,11 @@ def test_one_edge_deployment_per_zone_pinned_by_node_affinity(value_set: str) ->
     edges = [d for d in of_kind(objs, "Deployment") if component(d) == "edge"]
     assert sorted(d["metadata"]["labels"]["telehealth.io/zone"] for d in edges) == sorted(zones)
     services = {s["metadata"]["name"]: s for s in of_kind(objs, "Service")}
-    r = values_of(value_set)["media"]["udpPortRange"]
+    values = values_of(value_set)
     for d in edges:
         zone = d["metadata"]["labels"]["telehealth.io/zone"]
+        entry = next(z for z in values["zones"] if z["name"] == zone)
+        r = entry.get("mediaUdpPortRange", values["media"]["udpPortRange"])
         terms = d["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
             "requiredDuringSchedulingIgnoredDuringExecution"
         ]["nodeSelectorTerms"]
@@ -290,19 +403,33 @@ def test_one_edge_deployment_per_zone_pinned_by_node_affinity(value_set: str) ->
     assert headless[0]["spec"]["ports"][0]["name"] == "grpc"
 
 
+# What the kubelet would fill in for the downward API and Secrets, as stand-ins.
+POD_IP, HOST_IP, POD_NAME = (
+    "10.244.1.7",
+    "172.18.0.3",
+    "mesh-telehealth-mesh-edge-zone-a-5d9f-abcde",
+)
+FIELDS = {"status.podIP": POD_IP, "status.hostIP": HOST_IP, "metadata.name": POD_NAME}
+SECRET_STAND_INS = {"url": "postgresql+asyncpg://u:p@db:5432/telehealth"}
+VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
 def _env_of(container: Obj, configmaps: dict[str, Obj]) -> dict[str, str]:
-    """The TELEHEALTH_* environment a container starts with (references given stand-ins)."""
+    """The environment a container starts with: references resolved to stand-ins, and
+    $(VAR) expanded from the variables defined before it, as the kubelet does."""
     env: dict[str, str] = {}
     for e in container.get("env", []):
+        source = e.get("valueFrom", {})
         if "value" in e:
-            env[e["name"]] = e["value"]
-        elif "configMapKeyRef" in e.get("valueFrom", {}):
-            ref = e["valueFrom"]["configMapKeyRef"]
+            env[e["name"]] = VAR_REF.sub(lambda m: env.get(m[1], m[0]), e["value"])
+        elif "configMapKeyRef" in source:
+            ref = source["configMapKeyRef"]
             env[e["name"]] = configmaps[ref["name"]]["data"][ref["key"]]
-        elif "secretKeyRef" in e.get("valueFrom", {}):
-            env[e["name"]] = "postgresql+asyncpg://u:p@db:5432/telehealth"
-        elif "fieldRef" in e.get("valueFrom", {}):
-            env[e["name"]] = "mesh-edge-zone-a-5d9f-abcde"
+        elif "secretKeyRef" in source:
+            key = source["secretKeyRef"]["key"]
+            env[e["name"]] = SECRET_STAND_INS.get(key, f"secret {key}")
+        elif "fieldRef" in source:
+            env[e["name"]] = FIELDS[source["fieldRef"]["fieldPath"]]
     return env
 
 
@@ -337,8 +464,16 @@ def test_services_accept_the_settings_the_chart_gives_them(value_set: str) -> No
                 assert isinstance(s, EdgeSettings)
                 assert s.zone == owner["metadata"]["labels"]["telehealth.io/zone"]
                 assert s.core_address.startswith(core_svc["metadata"]["name"] + ".")
-                assert s.http_listen == f"0.0.0.0:{ports['metrics']}"
-                assert s.advertise_address
+                assert s.http_listen == f"0.0.0.0:{ports['http']}"
+                # Without overrides, devices and browsers are sent to the pod itself (never
+                # to 0.0.0.0, the listen address).
+                zone = next(z for z in values_of(value_set)["zones"] if z["name"] == s.zone)
+                assert s.advertise_address == zone.get(
+                    "advertiseAddress", f"{POD_IP}:{ports['grpc']}"
+                )
+                assert s.http_advertise_url == zone.get(
+                    "httpAdvertiseUrl", f"http://{POD_IP}:{ports['http']}"
+                )
 
 
 def _tls_secret_of(spec: Obj) -> str:
@@ -562,7 +697,7 @@ def test_custom_resources_are_well_formed() -> None:
     (sm,) = of_kind(objs, "ServiceMonitor")
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
     assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert {e["port"] for e in sm["spec"]["endpoints"]} == {"http", "metrics"}
+    assert {e["port"] for e in sm["spec"]["endpoints"]} == {"http"}
     assert all(e["path"] == "/metrics" for e in sm["spec"]["endpoints"])
     # The endpoints it names exist on the Services it selects.
     sel = sm["spec"]["selector"]["matchLabels"]
@@ -573,7 +708,8 @@ def test_custom_resources_are_well_formed() -> None:
         and component(s) in {"core", "edge"}
         and "telehealth.io/zone" not in s["metadata"]["labels"]
     ]
-    assert {p["name"] for s in picked for p in s["spec"]["ports"]} >= {"http", "metrics"}
+    assert {p["name"] for s in picked for p in s["spec"]["ports"]} >= {"http"}
+    assert {component(s) for s in picked} == {"core", "edge"}
     (rule,) = of_kind(objs, "PrometheusRule")
     rules = [r for g in rule["spec"]["groups"] for r in g["rules"]]
     assert len(rules) >= 5
@@ -665,8 +801,122 @@ def test_kind_cluster_has_a_worker_per_zone() -> None:
         n["labels"]["topology.kubernetes.io/zone"] for n in cfg["nodes"] if n["role"] == "worker"
     )
     assert zones == ["zone-a", "zone-b", "zone-c"]
-    # The chart's default zones are the kind cluster's, so up.sh needs no overrides.
+    # The chart's default zones are the kind cluster's, so up.sh needs no zone overrides.
     assert sorted(z["name"] for z in values_of("default")["zones"]) == zones
+    assert sorted(z["name"] for z in values_of("kind")["zones"]) == zones
+
+
+def _node_ports(svc: Obj) -> set[tuple[str, int]]:
+    return {(p["protocol"], p["nodePort"]) for p in svc["spec"]["ports"] if "nodePort" in p}
+
+
+def test_kind_publishes_every_node_port_on_localhost_where_its_pods_run() -> None:
+    """cluster.yaml's extraPortMappings and deploy/kind/values.yaml's node ports agree: the
+    core's on the control plane, each zone's edge ports on that zone's worker, same numbers
+    on the host (127.0.0.1) as on the node, and nothing mapped that no Service publishes."""
+    cfg = yaml.safe_load(KIND_CONFIG.read_text())
+    mapped: dict[str, set[tuple[str, int]]] = {}
+    for n in cfg["nodes"]:
+        where = n.get("labels", {}).get("topology.kubernetes.io/zone", n["role"])
+        for m in n.get("extraPortMappings", []):
+            assert m["containerPort"] == m["hostPort"], m
+            assert m["listenAddress"] == "127.0.0.1", m
+            mapped.setdefault(where, set()).add((m.get("protocol", "TCP"), m["containerPort"]))
+    objs = render("kind")
+    published: dict[str, set[tuple[str, int]]] = {}
+    for svc in of_kind(objs, "Service"):
+        if svc["spec"].get("type") != "NodePort":
+            continue
+        zone = svc["metadata"]["labels"].get("telehealth.io/zone")
+        if zone is not None:
+            # A node hands a zone's traffic only to its own pods.
+            assert svc["spec"]["externalTrafficPolicy"] == "Local"
+        published.setdefault(zone or "control-plane", set()).update(_node_ports(svc))
+    assert mapped == published
+    assert published.keys() == {"control-plane", "zone-a", "zone-b", "zone-c"}
+
+
+def test_kind_edges_advertise_the_host_ports_that_reach_them() -> None:
+    objs = render("kind")
+    configmaps = {c["metadata"]["name"]: c for c in of_kind(objs, "ConfigMap")}
+    services = {s["metadata"]["name"]: s for s in of_kind(objs, "Service")}
+    for owner, spec in pod_specs(objs):
+        if component(owner) != "edge":
+            continue
+        s = load_settings(EdgeSettings, environ=_env_of(spec["containers"][0], configmaps))
+        ports = {p["name"]: p for p in services[owner["metadata"]["name"]]["spec"]["ports"]}
+        assert s.advertise_address == f"127.0.0.1:{ports['grpc']['nodePort']}"
+        assert s.http_advertise_url == f"http://127.0.0.1:{ports['http']['nodePort']}"
+        media = sorted(p["nodePort"] for p in ports.values() if p["protocol"] == "UDP")
+        assert media == list(range(s.media_udp_port_min, s.media_udp_port_max + 1))
+    up = (ROOT / "deploy" / "kind" / "up.sh").read_text()
+    assert '--values "$VALUES"' in up and 'VALUES="$ROOT/deploy/kind/values.yaml"' in up
+
+
+def test_node_port_media_keeps_port_numbers_and_one_edge_per_node() -> None:
+    objs = render("kind")
+    for svc in of_kind(objs, "Service"):
+        for p in svc["spec"]["ports"]:
+            if p["protocol"] == "UDP":
+                # ICE candidates carry the port the edge bound: the node publishes that number.
+                assert p["port"] == p["targetPort"] == p["nodePort"], p
+    for d in (d for d in of_kind(objs, "Deployment") if component(d) == "edge"):
+        spec = d["spec"]["template"]["spec"]
+        anti = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert anti[0]["topologyKey"] == "kubernetes.io/hostname"
+        assert d["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+
+
+@pytest.mark.parametrize(
+    ("settings", "complaint"),
+    [
+        # The default range 40000-40015 is outside the node port range.
+        (["edge.service.type=NodePort"], "must lie in 30000-32767"),
+        (
+            [
+                "edge.service.type=NodePort",
+                "media.udpPortRange.min=31000",
+                "media.udpPortRange.max=31003",
+            ],
+            "node port 31000 is asked for twice",
+        ),
+        (["edge.advertise=node"], "edge.advertise=node needs edge.service.type=NodePort"),
+        (["media.udpPortRange.min=40010", "media.udpPortRange.max=40000"], "must not be below"),
+    ],
+)
+def test_node_ports_and_ranges_are_checked(settings: list[str], complaint: str) -> None:
+    args = [a for kv in settings for a in ("--set", kv)]
+    out = run_helm(*template_args("default", *args))
+    assert out.returncode != 0
+    assert complaint in out.stderr, out.stderr
+
+
+def test_advertise_node_uses_the_nodes_address_and_ports() -> None:
+    zones = [
+        f"zones[{i}].name=zone-{z},zones[{i}].nodePorts.grpc=3006{i},"
+        f"zones[{i}].nodePorts.http=3008{i},zones[{i}].mediaUdpPortRange.min=3{i}100,"
+        f"zones[{i}].mediaUdpPortRange.max=3{i}103"
+        for i, z in enumerate("abc")
+    ]
+    args = ["--set", "edge.service.type=NodePort", "--set", "edge.advertise=node"]
+    objs = render("default", *args, *(a for z in zones for a in ("--set", z)))
+    configmaps = {c["metadata"]["name"]: c for c in of_kind(objs, "ConfigMap")}
+    for owner, spec in pod_specs(objs):
+        if component(owner) == "edge":
+            s = load_settings(EdgeSettings, environ=_env_of(spec["containers"][0], configmaps))
+            i = "abc".index(s.zone[-1])
+            assert s.advertise_address == f"{HOST_IP}:3006{i}"
+            assert s.http_advertise_url == f"http://{HOST_IP}:3008{i}"
+
+
+def test_a_zone_may_have_no_edges() -> None:
+    objs = render("default", "--set", "zones[0].name=zone-a", "--set", "zones[0].replicas=0")
+    (d,) = [
+        d
+        for d in of_kind(objs, "Deployment")
+        if d["metadata"]["labels"].get("telehealth.io/zone") == "zone-a"
+    ]
+    assert d["spec"]["replicas"] == 0
 
 
 @cache

@@ -188,6 +188,50 @@ Volumes every telehealth pod mounts: (dict "ctx" $ "data" <volume source dict> "
 {{- $n }}
 {{- end }}
 
+{{/*
+One zone's resolved edge settings as YAML (use with fromYaml): its UDP range, node ports and
+what it advertises. Args: dict "ctx" $ "zone" <zones[] entry>.
+  grpc: host:port devices dial; http: base URL browsers use; media: address in ICE host
+  candidates ("" = the pod's own). "$(POD_IP)"/"$(HOST_IP)" are expanded by the kubelet.
+*/}}
+{{- define "telehealth.zoneSpec" -}}
+{{- $v := .ctx.Values }}
+{{- $z := .zone }}
+{{- $range := $z.mediaUdpPortRange | default $v.media.udpPortRange }}
+{{- $np := $z.nodePorts | default dict }}
+{{- $svcHost := include "telehealth.zoneServiceHost" (dict "ctx" .ctx "zone" $z.name) }}
+{{- $scheme := "http" }}
+{{- $grpc := printf "$(POD_IP):%d" (int $v.edge.grpcPort) }}
+{{- $http := printf "%s://$(POD_IP):%d" $scheme (int $v.edge.httpPort) }}
+{{- $media := "" }}
+{{- if eq $v.edge.advertise "service" }}
+{{- $grpc = printf "%s:%d" $svcHost (int $v.edge.grpcPort) }}
+{{- $http = printf "%s://%s:%d" $scheme $svcHost (int $v.edge.httpPort) }}
+{{- else if eq $v.edge.advertise "node" }}
+{{- $grpc = printf "$(HOST_IP):%d" (int $np.grpc) }}
+{{- $http = printf "%s://$(HOST_IP):%d" $scheme (int $np.http) }}
+{{- $media = "$(HOST_IP)" }}
+{{- end }}
+name: {{ $z.name }}
+replicas: {{ hasKey $z "replicas" | ternary $z.replicas 1 }}
+range:
+  min: {{ int $range.min }}
+  max: {{ int $range.max }}
+ports: {{ include "telehealth.portCount" (dict "range" $range "what" (printf "media UDP range of %s" $z.name)) }}
+nodePorts:
+  grpc: {{ $np.grpc | default 0 | int }}
+  http: {{ $np.http | default 0 | int }}
+advertise:
+  grpc: {{ $z.advertiseAddress | default $grpc | quote }}
+  http: {{ $z.httpAdvertiseUrl | default $http | quote }}
+  media: {{ $z.mediaAdvertiseAddress | default $media | quote }}
+{{- end }}
+
+{{/* Does the zone Service publish node ports whose numbers devices are told (NodePort)? */}}
+{{- define "telehealth.nodePortMedia" -}}
+{{- if eq .Values.edge.service.type "NodePort" }}true{{ end }}
+{{- end }}
+
 {{/* Chart-wide checks that the schema cannot express. */}}
 {{- define "telehealth.validate" -}}
 {{- if and (not .Values.externalPostgresql.enabled) (or (gt (int .Values.core.replicas) 1) .Values.core.autoscaling.enabled) }}
@@ -211,6 +255,39 @@ Volumes every telehealth pod mounts: (dict "ctx" $ "data" <volume source dict> "
 {{- fail (printf "zones: %q is listed twice" .name) }}
 {{- end }}
 {{- $_ := set $seen .name true }}
+{{- end }}
+{{- /* Node ports are cluster-wide: every number the chart asks for must be unique, and media
+     ports are published with nodePort == port, so the ranges must sit in the node port range. */}}
+{{- $taken := dict }}
+{{- $claim := list }}
+{{- with .Values.core.service.nodePorts }}
+{{- if .grpc }}{{ $claim = append $claim (list (int .grpc) "core.service.nodePorts.grpc") }}{{ end }}
+{{- if .http }}{{ $claim = append $claim (list (int .http) "core.service.nodePorts.http") }}{{ end }}
+{{- end }}
+{{- range .Values.zones }}
+{{- $zs := fromYaml (include "telehealth.zoneSpec" (dict "ctx" $ "zone" .)) }}
+{{- if $zs.nodePorts.grpc }}{{ $claim = append $claim (list (int $zs.nodePorts.grpc) (printf "zones[%s].nodePorts.grpc" .name)) }}{{ end }}
+{{- if $zs.nodePorts.http }}{{ $claim = append $claim (list (int $zs.nodePorts.http) (printf "zones[%s].nodePorts.http" .name)) }}{{ end }}
+{{- if eq $.Values.edge.advertise "node" }}
+{{- if not (and $zs.nodePorts.grpc $zs.nodePorts.http (eq $.Values.edge.service.type "NodePort")) }}
+{{- fail (printf "edge.advertise=node needs edge.service.type=NodePort and zones[%s].nodePorts.grpc and .http" .name) }}
+{{- end }}
+{{- end }}
+{{- if include "telehealth.nodePortMedia" $ }}
+{{- if or (lt (int $zs.range.min) 30000) (gt (int $zs.range.max) 32767) }}
+{{- fail (printf "zone %s: with edge.service.type=NodePort the media UDP range is published as node ports (nodePort = port), so it must lie in 30000-32767, not %d-%d; set zones[].mediaUdpPortRange" .name (int $zs.range.min) (int $zs.range.max)) }}
+{{- end }}
+{{- range $i, $_ := until (int $zs.ports) }}
+{{- $claim = append $claim (list (add (int $zs.range.min) $i) (printf "media UDP range of %s" $zs.name)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $claim }}
+{{- $key := toString (index . 0) }}
+{{- if hasKey $taken $key }}
+{{- fail (printf "node port %s is asked for twice: by %s and by %s (node ports are unique in a cluster; give each zone its own media range)" $key (index $taken $key) (index . 1)) }}
+{{- end }}
+{{- $_ := set $taken $key (index . 1) }}
 {{- end }}
 {{- end }}
 
@@ -249,3 +326,50 @@ grpc:
 {{- end }}
 {{- end }}
 
+
+{{/*
+Egress rules to the Kubernetes API server for the core's discovery. NetworkPolicy cannot
+select the API server by label, so the rules name its addresses: networkPolicy.kubeApi.cidr
+when set; else the `kubernetes` Service's cluster IP and its endpoints, looked up at install
+(needs read access to Services and EndpointSlices in namespace default); else, when nothing
+could be looked up (helm template), any address on networkPolicy.kubeApi.ports.
+*/}}
+{{- define "telehealth.kubeApiEgress" -}}
+{{- $api := .Values.networkPolicy.kubeApi }}
+{{- $svc := dict }}
+{{- $slice := dict }}
+{{- if not $api.cidr }}
+{{- $svc = lookup "v1" "Service" "default" "kubernetes" }}
+{{- $slice = lookup "discovery.k8s.io/v1" "EndpointSlice" "default" "kubernetes" }}
+{{- end }}
+{{- if and $svc $svc.spec $slice $slice.endpoints }}
+- to:
+    {{- range $svc.spec.clusterIPs | default (list $svc.spec.clusterIP) }}
+    - ipBlock:
+        cidr: {{ . }}/{{ if contains ":" . }}128{{ else }}32{{ end }}
+    {{- end }}
+  ports:
+    {{- range $svc.spec.ports }}
+    - {protocol: TCP, port: {{ .port }}}
+    {{- end }}
+- to:
+    {{- range $slice.endpoints }}
+    {{- range .addresses }}
+    - ipBlock:
+        cidr: {{ . }}/{{ if contains ":" . }}128{{ else }}32{{ end }}
+    {{- end }}
+    {{- end }}
+  ports:
+    {{- range $slice.ports }}
+    - {protocol: TCP, port: {{ .port }}}
+    {{- end }}
+{{- else }}
+- to:
+    - ipBlock:
+        cidr: {{ $api.cidr | default "0.0.0.0/0" }}
+  ports:
+    {{- range $api.ports }}
+    - {protocol: TCP, port: {{ . }}}
+    {{- end }}
+{{- end }}
+{{- end }}
