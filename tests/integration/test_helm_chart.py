@@ -527,6 +527,10 @@ def test_each_component_gets_its_own_certificate_and_tls_settings(
             "/etc/telehealth/tls/tls.key",
             "/etc/telehealth/tls/ca.crt",
         )
+        if isinstance(s, EdgeSettings):
+            # Devices, clinicians and the core check the zone Service's name, whatever address
+            # (pod IP, node port) they dial.
+            assert s.tls_server_name == f"{owner['metadata']['name']}.{NAMESPACE}.svc"
         seen += 1
     assert seen == 1 + len(values_of(value_set)["zones"])
 
@@ -544,6 +548,7 @@ def test_cert_manager_certificates_carry_the_role_uris_the_core_checks() -> None
         assert [parse_uri(u) for u in edge["uris"]] == [PeerIdentity("zone", zone)]
         svc = f"{RELEASE}-telehealth-mesh-edge-{zone}"
         assert svc in services
+        # The name the zone's edges advertise as tls_server_name.
         assert f"{svc}.{NAMESPACE}.svc" in edge["dnsNames"]
     for spec in certs.values():
         assert {"server auth", "client auth"} <= set(spec["usages"]) or spec["uris"] == [
