@@ -214,6 +214,12 @@ class EdgeSettings(Settings):
     max_subscribers_per_session: int = Field(
         32, ge=1, description="concurrent vitals subscriptions of one session"
     )
+    media_silence_s: float = Field(
+        4.0,
+        gt=0,
+        description="seconds without any RTP from a call's patient before the edge reports "
+        "them gone (patient_connected false) while ICE still waits (~30 s) to give up",
+    )
     vision_sample_hz: float = Field(
         15.0,
         gt=0,

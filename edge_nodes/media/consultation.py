@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiortc import MediaStreamTrack, RTCPeerConnection
@@ -27,8 +28,37 @@ CallEvent = media_pb2.WatchCallResponse
 
 @dataclass
 class LinkCounters:
+    """Cumulative RTP counts of one stream (kind and SSRC) at the last sample."""
+
     lost: int = 0
     received: int = 0
+
+
+@dataclass
+class LinkTally:
+    """One second of one direction of a peer's link, every stream on it."""
+
+    packets: int = 0
+    worst_loss: float = 0.0
+
+    def add(self, counters: dict[str, LinkCounters], key: str, lost: int, received: int) -> None:
+        last = counters.get(key)
+        counters[key] = LinkCounters(lost, received)
+        if last is None:  # first sight of this stream: a baseline, not a second of evidence
+            return
+        d_lost = max(0, lost - last.lost)
+        d_recv = max(0, received - last.received)
+        n = d_lost + d_recv
+        self.packets += n
+        # Loss per stream (audio and video each), worst counts: audio has no retransmissions,
+        # so it shows a lossy link even when video NACKs paper over it, and it is still there
+        # in audio-only mode when no video flows to measure.
+        if n >= STREAM_EVIDENCE_PACKETS:
+            self.worst_loss = max(self.worst_loss, d_lost / n)
+
+
+# Packets of one stream in a second below which its loss fraction is too noisy to use.
+STREAM_EVIDENCE_PACKETS = 5
 
 
 @dataclass
@@ -48,13 +78,24 @@ class Peer:
     # What the edge sends to this peer.
     outgoing: dict[str, ForwardedTrack] = field(default_factory=dict)
     link: LinkModeController = field(default_factory=LinkModeController)
-    uplink: LinkCounters = field(default_factory=LinkCounters)
-    downlink: LinkCounters = field(default_factory=LinkCounters)
+    # RTP streams from the peer (inbound-rtp) and to it (remote-inbound-rtp: its RTCP reports).
+    uplink: dict[str, LinkCounters] = field(default_factory=dict)
+    downlink: dict[str, LinkCounters] = field(default_factory=dict)
+    # When RTP from this peer last arrived (monotonic); None before its media starts.
+    media_at: float | None = None
+    # No RTP from the peer for media_silence_s: its device is gone or its network is down,
+    # although ICE has not given up on it yet (that takes ~30 s).
+    silent: bool = False
     closed: bool = False
 
     @property
     def live(self) -> bool:
         return not self.closed and self.pc.connectionState not in ("failed", "closed")
+
+    @property
+    def present(self) -> bool:
+        """Connected and sending: what the console shows as "patient connected"."""
+        return self.live and not self.silent
 
 
 def new_call_id() -> str:
@@ -88,8 +129,14 @@ class Consultation:
         self.speaking: str | None = None
         self.events: Fanout[CallEvent] = Fanout()
         self.mode = CallMode.FULL
+        # What the patient's device is asked to send (CallState.send_mode).
+        self.send_mode = CallMode.FULL
         self.reason = "waiting for the patient"
         self.budget_mode = CallMode.FULL
+        self.budget_ok_s = 0
+        # Pixels/s the patient sends at full quality, kept while it is asked to send less (what
+        # arrives then is smaller, and would make the budget think full quality fits again).
+        self.full_pixel_rate = 0.0
         self.news2_band = 0
         self.started_unix_ns = time.time_ns()
         self.ended: str | None = None
@@ -177,8 +224,9 @@ class Consultation:
 
     # -- quality ------------------------------------------------------------------------
 
-    async def sample_links(self) -> None:
-        """Feed one second of RTCP figures of every peer into its link controller."""
+    async def sample_links(self, silence_s: float) -> None:
+        """Feed one second of RTCP figures of every peer into its link controller, and notice
+        a peer whose media stopped (no RTP for silence_s)."""
         for peer in self.peers:
             if not peer.live or peer.pc.connectionState != "connected":
                 continue
@@ -186,51 +234,75 @@ class Consultation:
                 report = await peer.pc.getStats()
             except Exception:  # a peer closing under us: next second will not see it
                 continue
-            up_lost = up_recv = down_lost = down_recv = 0
+            now = time.monotonic()
+            up, down = LinkTally(), LinkTally()
             rtts: list[float] = []
             for s in report.values():
                 kind = getattr(s, "kind", "")
-                if s.type == "inbound-rtp" and kind == "video":
-                    up_lost += max(0, int(s.packetsLost))
-                    up_recv += int(s.packetsReceived)
+                if kind not in ("audio", "video"):
+                    continue
+                key = f"{kind}:{s.ssrc}"
+                if s.type == "inbound-rtp":
+                    up.add(peer.uplink, key, int(s.packetsLost), int(s.packetsReceived))
                 elif s.type == "remote-inbound-rtp":
+                    # Stored as each receiver report arrives: unchanged figures (no new report)
+                    # add no packets, so a peer that stopped reporting is no evidence of a
+                    # good link.
+                    down.add(peer.downlink, key, int(s.packetsLost), int(s.packetsReceived))
                     # None until the first RTCP receiver report with a round trip arrives.
                     if s.roundTripTime is not None:
                         rtts.append(float(s.roundTripTime))
-                    if kind == "video":
-                        down_lost += max(0, int(s.packetsLost))
-                        down_recv += int(s.packetsReceived)
-            loss = 0.0
-            for counters, lost, recv in (
-                (peer.uplink, up_lost, up_recv),
-                (peer.downlink, down_lost, down_recv),
-            ):
-                d_lost, d_recv = lost - counters.lost, recv - counters.received
-                counters.lost, counters.received = lost, recv
-                if d_lost > 0 and d_lost + d_recv > 0:
-                    loss = max(loss, d_lost / (d_lost + d_recv))
-            peer.link.update(LinkSample(loss, max(rtts) if rtts else None))
+            if up.packets > 0 or peer.media_at is None:
+                peer.media_at = now
+            silent = now - peer.media_at >= silence_s
+            if silent != peer.silent:
+                peer.silent = silent
+                log.info(
+                    "peer media " + ("stopped" if silent else "resumed"),
+                    extra={"session": peer.session_id, "call": peer.call_id, "role": peer.role},
+                )
+            peer.link.update(
+                LinkSample(
+                    max(up.worst_loss, down.worst_loss),
+                    max(rtts) if rtts else None,
+                    packets=up.packets + down.packets,
+                )
+            )
 
     def apply_modes(self) -> None:
-        """Set each forwarded video to the worst of the links it crosses and the edge budget."""
-        patient_link = self.patient.link.mode if self.patient else CallMode.FULL
+        """Choose what the patient sends and what each viewer gets.
+
+        The patient is asked to send the worst of its own link, the edge's budget and the best
+        clinician's link (sending more than the best viewer can take helps nobody). Each viewer
+        gets that, or less when its own link is worse; only then does the edge decode and scale
+        for it. So a busy edge or a poor patient uplink lowers the source, and the edge keeps
+        forwarding what arrives as it is (passthrough), the cheap path.
+        """
+        patient = self.patient
+        patient_link = patient.link.mode if patient else CallMode.FULL
+        best_viewer = min((c.link.mode for c in self.clinicians.values()), default=CallMode.FULL)
+        self.send_mode = worst(patient_link, self.budget_mode, best_viewer)
         for c in self.clinicians.values():
-            mode = worst(patient_link, c.link.mode, self.budget_mode)
             if "video" in c.outgoing:
-                c.outgoing["video"].set_mode(mode)
-        if self.patient is not None and "video" in self.patient.outgoing:
+                c.outgoing["video"].set_mode(worst(self.send_mode, c.link.mode), self.send_mode)
+        if patient is not None and "video" in patient.outgoing:
             speaking = self.clinicians.get(self.speaking or "")
-            self.patient.outgoing["video"].set_mode(
+            patient.outgoing["video"].set_mode(
                 worst(patient_link, speaking.link.mode if speaking else CallMode.FULL)
             )
         modes = [patient_link, self.budget_mode, *(c.link.mode for c in self.clinicians.values())]
         mode = worst(*modes)
-        if mode is CallMode.FULL:
-            reason = "good" if self.patient else "waiting for the patient"
-        elif self.patient is not None and patient_link is mode:
-            reason = "patient's " + self.patient.link.reason
+        if patient is not None and patient.live and patient.silent:
+            reason = (
+                "no video or audio from the patient for a few seconds: their connection may "
+                "have dropped"
+            )
+        elif mode is CallMode.FULL:
+            reason = "good" if patient else "waiting for the patient"
+        elif patient is not None and patient_link is mode:
+            reason = "patient's " + patient.link.reason
         elif self.budget_mode is mode:
-            reason = "edge is busy: video shared by clinical priority"
+            reason = "edge is busy: the patient sends less, by clinical priority"
         else:
             worst_c = max(self.clinicians.values(), key=lambda c: c.link.mode)
             reason = "clinician's " + worst_c.link.reason
@@ -238,7 +310,7 @@ class Consultation:
         sid = self.session_id
         m = self.metrics
         m.call_mode.labels(**m._labels, session=sid).set(int(mode))
-        src = self.patient.incoming.get("video") if self.patient else None
+        src = self.patient_video
         m.call_fps.labels(**m._labels, session=sid).set(src.fps if src else 0.0)
         self.publish_state()
 
@@ -253,17 +325,25 @@ class Consultation:
         return media_pb2.CallState(
             session_id=self.session_id,
             mode=int(self.mode),  # type: ignore[arg-type]
-            patient_connected=self.patient is not None and self.patient.live,
+            patient_connected=self.patient is not None and self.patient.present,
             clinicians_connected=len(self.clinicians),
             patient_fps=src.fps if src else 0.0,
             reason=self.ended or self.reason,
             priority_band=self.news2_band,  # type: ignore[arg-type]
             updated_unix_ns=time.time_ns(),
+            send_mode=int(self.send_mode),  # type: ignore[arg-type]
         )
 
     def publish_state(self, force: bool = False) -> None:
         st = self.state()
-        key = (st.mode, st.patient_connected, st.clinicians_connected, st.reason, st.priority_band)
+        key = (
+            st.mode,
+            st.send_mode,
+            st.patient_connected,
+            st.clinicians_connected,
+            st.reason,
+            st.priority_band,
+        )
         now = time.monotonic()
         # Changes go out at once; otherwise a refresh every few seconds keeps fps current.
         if force or key != self._last_state_key or now - self._state_sent_at >= 3.0:
@@ -289,7 +369,11 @@ class Consultation:
             t.cancel()
 
 
-def remote_tracks(peer: Peer, track: MediaStreamTrack) -> None:
+def remote_tracks(
+    peer: Peer, track: MediaStreamTrack, on_stale: Callable[[int], None] | None = None
+) -> None:
     """Count a newly received track of a peer (one per kind: a later one replaces)."""
     if track.kind in ("audio", "video"):
-        peer.incoming[track.kind] = CountingTrack(track)
+        peer.incoming[track.kind] = CountingTrack(
+            track, on_stale if track.kind == "video" else None
+        )

@@ -54,6 +54,8 @@ NEGOTIATE_TIMEOUT_S = 10.0
 # A peer that has not connected by then (client gone after its offer) is closed.
 CONNECT_TIMEOUT_S = 30.0
 QUALITY_PERIOD_S = 1.0
+# Seconds the edge's budget must allow a better mode before a call is raised to it.
+BUDGET_RECOVER_S = 5
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,8 @@ class Consultations:
                 if call.passthrough and counted is not None:
                     counted.tap = install_tap(t.receiver, jitter)
                     counted.tap.on_frame = counted.arrived
+                    if t.kind == "video":
+                        counted.tap.on_drop = self._count_drop
             if t.kind in ("audio", "video"):
                 fwd = call.forwarded_track(t.kind)
                 peer.outgoing[t.kind] = fwd
@@ -240,7 +244,7 @@ class Consultations:
         return pc.localDescription.sdp
 
     def _on_track(self, call: Consultation, peer: Peer, track: MediaStreamTrack) -> None:
-        remote_tracks(peer, track)
+        remote_tracks(peer, track, on_stale=lambda n: self._count_drop("stale", n))
         if peer.outgoing:  # already attached: a renegotiated track is rewired
             call.attach(peer)
 
@@ -251,6 +255,9 @@ class Consultations:
         )
         if state in ("failed", "closed") and not peer.closed:
             self._spawn(self._close_peer(peer, f"connection {state}"))
+
+    def _count_drop(self, reason: str, n: int) -> None:
+        self.metrics.dropped(reason).inc(n)
 
     def _check_connected(self, peer: Peer) -> None:
         if not peer.closed and peer.pc.connectionState != "connected":
@@ -355,16 +362,20 @@ class Consultations:
     async def rebalance(self) -> None:
         calls = list(self.calls.values())
         for call in calls:
-            await call.sample_links()
+            await call.sample_links(self._settings.media_silence_s)
         demands = []
         for call in calls:
             src = call.patient_video
-            if src is None or not call.clinicians:
+            if src is None or not call.clinicians or src.fps <= 0:
                 continue
+            rate = src.width * src.height * src.fps
+            if call.send_mode is CallMode.FULL:
+                call.full_pixel_rate = rate
             demands.append(
                 VideoDemand(
                     session_id=call.session_id,
-                    pixel_rate=src.width * src.height * max(src.fps, 1.0),
+                    # What full quality costs, even while the patient is asked to send less.
+                    pixel_rate=max(rate, call.full_pixel_rate),
                     viewers=len(call.clinicians),
                     news2_band=call.news2_band,
                     started_unix_ns=call.started_unix_ns,
@@ -372,7 +383,17 @@ class Consultations:
             )
         budget = allocate(demands, self._settings.media_pixel_budget)
         for call in calls:
-            call.budget_mode = budget.get(call.session_id, CallMode.FULL)
+            allowed = budget.get(call.session_id, CallMode.FULL)
+            if allowed > call.budget_mode:
+                call.budget_mode, call.budget_ok_s = allowed, 0
+            elif allowed < call.budget_mode:
+                # Up only after the budget has allowed more for a while: demand jitters by a
+                # few fps, and a call at the edge of the budget must not flap.
+                call.budget_ok_s += 1
+                if call.budget_ok_s >= BUDGET_RECOVER_S:
+                    call.budget_mode, call.budget_ok_s = call.budget_mode.step_up(), 0
+            else:
+                call.budget_ok_s = 0
             call.apply_modes()
 
 

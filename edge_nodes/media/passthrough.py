@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 
 # Frames a viewer's feed holds before it starts over at a keyframe (~130 ms at 30 fps).
 FEED_DEPTH = 4
+# Encoded frames waiting for the receiver's decoder thread (vision, reduced-mode viewers);
+# past this the decoder is behind: drop what waits and restart at a keyframe (~260 ms).
+DECODE_DEPTH = 8
 # Keyframe requests to one device are spaced at least this far apart.
 PLI_INTERVAL_S = 0.3
 
@@ -145,16 +148,20 @@ class EncodedFeed:
     def offer(self, e: Encoded) -> None:
         if not self.synced:
             if not e.keyframe:
+                if self.restarts:  # waiting out a restart: this frame is lost to the viewer
+                    self._tap.dropped("restart", 1)
                 self._tap.request_keyframe()
                 return
             self.synced = True
         if len(self._frames) >= FEED_DEPTH:
             # Behind: skipping inside a GOP would corrupt the picture; start over at a keyframe.
+            self._tap.dropped("behind", len(self._frames))
             self._frames.clear()
             self.synced = False
             self.restarts += 1
             self._tap.request_keyframe()
             if not e.keyframe:
+                self._tap.dropped("restart", 1)
                 return
             self.synced = True
         self._frames.append(e)
@@ -185,9 +192,17 @@ class EncodedTap(queue.Queue[Any]):
         # Readers of decoded pictures (vision, reduced-mode viewers); decode only while > 0.
         self.decoded_readers = 0
         self._decoder_synced = False
+        self._restarting = False
         self._pli_at = -1e9
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_frame: Callable[[], None] | None = None
+        # Frames dropped on the way to viewers or the decoder, by reason (metrics).
+        self.on_drop: Callable[[str, int], None] | None = None
+        self.decoder_restarts = 0
+
+    def dropped(self, reason: str, n: int) -> None:
+        if n > 0 and self.on_drop is not None:
+            self.on_drop(reason, n)
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         if item is None:  # the receiver stopping its decoder thread
@@ -205,14 +220,33 @@ class EncodedTap(queue.Queue[Any]):
             for feed in list(self.feeds):
                 feed.offer(e)
         if self.decoded_readers > 0:
+            if self._decoder_synced and self.qsize() >= DECODE_DEPTH:
+                # The decoder thread is behind (CPU burst): queueing more only adds delay for
+                # vision and reduced-mode viewers. Drop what waits, restart at a keyframe.
+                self._drain()
+                self._decoder_synced = False
+                self._restarting = True
+                self.decoder_restarts += 1
             if not self._decoder_synced:
                 if not key:
+                    if self._restarting:  # lost to the decoder, like those drained
+                        self.dropped("decoder_behind", 1)
                     self.request_keyframe()
                     return
                 self._decoder_synced = True
+                self._restarting = False
             super().put(item, block, timeout)
         else:
             self._decoder_synced = False
+
+    def _drain(self) -> None:
+        """Take the waiting frames away from the decoder (never the stop sentinel)."""
+        with self.mutex:
+            kept = [i for i in self.queue if i is None]
+            n = len(self.queue) - len(kept)
+            self.queue.clear()
+            self.queue.extend(kept)
+        self.dropped("decoder_behind", n)
 
     def subscribe(self) -> EncodedFeed:
         feed = EncodedFeed(self)

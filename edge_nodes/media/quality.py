@@ -34,10 +34,21 @@ PRIORITY_BANDS = frozenset({3, 4})
 
 @dataclass(frozen=True)
 class LinkSample:
-    """One second of a link as RTCP reports it."""
+    """One second of a link as RTCP reports it, audio and video together.
+
+    `packets` is the evidence: RTP packets expected on the link in that second (received +
+    lost). A second with too few (the peer sent nothing, or only RTCP) says nothing about the
+    link, so it moves the controller neither down nor up: otherwise a link carrying only audio,
+    or nothing at all, would look loss-free and climb back to full video blindly.
+    """
 
     loss_fraction: float
     rtt_s: float | None
+    packets: int = 1_000
+
+
+# Fewer packets than this in a second is no evidence (Opus alone sends 50 a second).
+MIN_EVIDENCE_PACKETS = 10
 
 
 @dataclass(frozen=True)
@@ -52,10 +63,15 @@ class LinkThresholds:
     # slower than down so a recovering link does not flap between modes.
     bad_seconds: int = 2
     good_seconds: int = 5
+    # A link that falls again within flap_window_s of climbing up must stay good twice as
+    # long before the next climb (up to max_good_seconds); a mode held that long resets it.
+    flap_window_s: int = 30
+    max_good_seconds: int = 60
 
 
 class LinkModeController:
-    """Hysteresis over LinkSamples: down fast on a bad link, up one step at a time when good."""
+    """Hysteresis over LinkSamples: down fast on a bad link, up one step at a time when good,
+    and slower each time a climb turns out premature (a flapping link settles low)."""
 
     def __init__(self, thresholds: LinkThresholds = LinkThresholds()) -> None:
         self.t = thresholds
@@ -63,9 +79,17 @@ class LinkModeController:
         self._bad = 0
         self._good = 0
         self.reason = "link is good"
+        # Seconds of good link needed before the next step up (grows while flapping).
+        self.hold_s = thresholds.good_seconds
+        self._now = 0  # seconds of evidence seen
+        self._climbed_at: int | None = None
+        self._changed_at = 0
 
     def update(self, s: LinkSample) -> CallMode:
         t = self.t
+        if s.packets < MIN_EVIDENCE_PACKETS:
+            return self.mode
+        self._now += 1
         rtt = s.rtt_s if s.rtt_s is not None else 0.0
         severe = s.loss_fraction >= t.audio_only_loss or rtt >= t.audio_only_rtt_s
         bad = severe or s.loss_fraction >= t.reduce_loss or rtt >= t.reduce_rtt_s
@@ -78,16 +102,23 @@ class LinkModeController:
             self._bad = 0
         else:
             self._bad = self._good = 0
+        climbed_last = self._climbed_at is not None and self._climbed_at == self._changed_at
+        if climbed_last and self._now - self._changed_at >= t.flap_window_s:
+            self.hold_s = t.good_seconds  # a climb that held for a while: trust the link again
         if self._bad >= t.bad_seconds:
             target = CallMode.AUDIO_ONLY if severe else self.mode.step_down()
             if target > self.mode:
+                if self._climbed_at is not None and self._now - self._climbed_at < t.flap_window_s:
+                    self.hold_s = min(self.hold_s * 2, t.max_good_seconds)
                 self.mode = target
+                self._changed_at = self._now
                 self.reason = (
                     f"poor link: {s.loss_fraction:.0%} packets lost, round trip {rtt * 1000:.0f} ms"
                 )
             self._bad = 0
-        elif self._good >= t.good_seconds and self.mode is not CallMode.FULL:
+        elif self._good >= self.hold_s and self.mode is not CallMode.FULL:
             self.mode = self.mode.step_up()
+            self._climbed_at = self._changed_at = self._now
             self.reason = "link recovered" if self.mode is CallMode.FULL else "link recovering"
             self._good = 0
         return self.mode

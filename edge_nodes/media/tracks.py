@@ -37,12 +37,15 @@ log = logging.getLogger(__name__)
 class CountingTrack(MediaStreamTrack):
     """Wraps a remote track: counts frames and measures their rate, reading it for the relay."""
 
-    def __init__(self, source: MediaStreamTrack) -> None:
+    def __init__(
+        self, source: MediaStreamTrack, on_stale: Callable[[int], None] | None = None
+    ) -> None:
         super().__init__()
         self.kind = source.kind
         self._source = source
         self.frames = 0
         self.stale = 0
+        self._on_stale = on_stale
         self.width = 0
         self.height = 0
         self._arrivals: deque[float] = deque(maxlen=90)
@@ -60,13 +63,18 @@ class CountingTrack(MediaStreamTrack):
         # aiortc queues decoded frames without bound; when the edge falls behind (a CPU burst)
         # skip to the newest so delay cannot build up, and count what was skipped.
         queue = getattr(self._source, "_queue", None)
+        skipped = 0
         while isinstance(queue, asyncio.Queue) and queue.qsize() > 0:
             newer = queue.get_nowait()
             if newer is None:  # end of the track: deliver what we have, end on the next call
                 queue.put_nowait(None)
                 break
             frame = newer
-            self.stale += 1
+            skipped += 1
+        if skipped:
+            self.stale += skipped
+            if self._on_stale is not None:
+                self._on_stale(skipped)
         if self.tap is None:  # with a tap, frames are counted as they arrive, decoded or not
             self.arrived()
         if isinstance(frame, VideoFrame):
@@ -99,7 +107,8 @@ class ForwardedTrack(MediaStreamTrack):
     continuous stream. While there is no source, or video is off (audio-only mode), recv waits.
 
     Video goes one of two ways. Passthrough (`passthrough` set, the source has a tap, full
-    mode, the same codec both sides): the source's encoded frames, packetized again by this
+    mode or the very mode the source was asked to send, the same codec both sides): the
+    source's encoded frames, packetized again by this
     peer's sender, no decode or encode. Otherwise decoded pictures from the relay (latest
     only), scaled down in reduced mode, encoded by the sender; the first picture after
     passthrough is made a keyframe, since the viewer's decoder last saw the source's stream.
@@ -123,6 +132,11 @@ class ForwardedTrack(MediaStreamTrack):
         self._changed = asyncio.Event()
         self._last_count = 0
         self.mode = CallMode.FULL
+        # What the source is asked to send (CallState.send_mode): when it already sends at
+        # this track's mode, its encoded frames pass through as they are.
+        self.source_mode = CallMode.FULL
+        # Largest picture seen from this source: reduced mode is half of it, whatever arrives.
+        self._full_size = (0, 0)
         self._last_sent = 0.0
         self._t0: float | None = None
         self._samples = 0
@@ -148,13 +162,16 @@ class ForwardedTrack(MediaStreamTrack):
             return
         self._source = source
         self._codec_mismatch = False
+        self._full_size = (0, 0)
         self._release()
         self._last_count = source.frames if source else 0
         self._changed.set()
 
-    def set_mode(self, mode: CallMode) -> None:
-        if mode is not self.mode:
+    def set_mode(self, mode: CallMode, source_mode: CallMode = CallMode.FULL) -> None:
+        """Forward at `mode`; the source has been asked to send at `source_mode` (<= mode)."""
+        if mode is not self.mode or source_mode is not self.source_mode:
             self.mode = mode
+            self.source_mode = source_mode
             self._changed.set()
 
     def request_keyframe(self) -> None:
@@ -170,7 +187,10 @@ class ForwardedTrack(MediaStreamTrack):
         src = self._source
         if not self.passthrough or src is None or src.tap is None or self._codec_mismatch:
             return False
-        if self.kind == "video" and self.mode is not CallMode.FULL:
+        # Reduced is forwarded as it comes when the source itself was asked to send reduced
+        # (a busy edge, a poor patient uplink): no decode and re-encode. Only a viewer whose own
+        # link needs less than the source sends is decoded and scaled for.
+        if self.kind == "video" and self.mode is not CallMode.FULL and self.mode > self.source_mode:
             return False
         codec = src.tap.codec
         return not codec or not self.out_codec or codec == self.out_codec
@@ -312,11 +332,19 @@ class ForwardedTrack(MediaStreamTrack):
                 if self._on_skip is not None:
                     self._on_skip("mode", 1)
                 return None
-            w = max(2, frame.width // REDUCED_SCALE // 2 * 2)
-            h = max(2, frame.height // REDUCED_SCALE // 2 * 2)
-            scaled = frame.reformat(width=w, height=h)  # a new frame, made on the loop thread
-            frame = scaled if scaled is not frame else own_video_frame(frame)
+            fw, fh = self._full_size
+            self._full_size = (max(fw, frame.width), max(fh, frame.height))
+            w = max(2, self._full_size[0] // REDUCED_SCALE // 2 * 2)
+            # A source asked to send reduced has scaled already (it is not scaled again).
+            if frame.width > w and self.source_mode is CallMode.FULL:
+                h = max(2, round(frame.height * w / frame.width) // 2 * 2)
+                scaled = frame.reformat(width=w, height=h)  # a new frame, made on the loop
+                frame = scaled if scaled is not frame else own_video_frame(frame)
+            else:  # the source already sends reduced: no need to scale again
+                frame = own_video_frame(frame)
         else:
+            fw, fh = self._full_size
+            self._full_size = (max(fw, frame.width), max(fh, frame.height))
             frame = own_video_frame(frame)
         self._last_sent = now
         frame.pts = int((now - self._t0) * 90_000)

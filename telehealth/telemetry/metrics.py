@@ -253,7 +253,10 @@ class MediaMetrics:
         ).labels(**labels)
         self.frames_dropped = Counter(
             "media_frames_dropped_total",
-            "Video frames skipped because a peer fell behind (newest wins) or its mode lowers fps",
+            "Video frames not forwarded or not decoded, by reason: behind (a viewer, or its "
+            "encoded feed, fell behind: newest wins), restart (skipped until a keyframe after "
+            "that), stale (the edge fell behind a receiver), decoder_behind (decoder queue "
+            "full), mode (reduced mode's lower frame rate)",
             [*labels, "reason"],
             namespace=NAMESPACE,
             registry=registry,

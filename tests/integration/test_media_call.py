@@ -104,8 +104,9 @@ async def test_patient_and_clinician_receive_each_others_video_through_the_edge(
         assert (clinician.received.width, clinician.received.height) == (320, 240)
         calls = media_edge.media.calls
         assert calls.peer_count == 2
-        call = calls.calls[s.session_id]
-        assert call.state().patient_connected and call.state().clinicians_connected == 1
+        consultation = calls.calls[s.session_id]
+        state = consultation.state()
+        assert state.patient_connected and state.clinicians_connected == 1
         metrics = media_edge.media.metrics
         assert metrics.frames_relayed._value.get() >= 40
     finally:

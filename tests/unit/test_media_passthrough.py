@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from aiortc.jitterbuffer import JitterFrame
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtp import RtpPacket
 
 from edge_nodes.media.passthrough import (
+    DECODE_DEPTH,
     FEED_DEPTH,
     Encoded,
-    EncodedFeed,
+    EncodedTap,
     MarkerJitterBuffer,
     is_keyframe,
 )
@@ -55,13 +56,20 @@ def test_keyframes_are_recognised() -> None:
     assert is_keyframe("opus", b"\x78")
 
 
-class FakeTap:
-    def __init__(self) -> None:
-        self.requests = 0
-        self.feeds: set[Any] = set()
+class Tap(EncodedTap):
+    """A real tap, not yet bound to a connection: with no SSRC seen it cannot send a PLI, so
+    its keyframe requests go nowhere (the receiver is never used); drops are tallied."""
 
-    def request_keyframe(self) -> None:
-        self.requests += 1
+    def __init__(self) -> None:
+        super().__init__(None, MarkerJitterBuffer(capacity=128, is_video=True))  # type: ignore[arg-type]
+        self.drops: dict[str, int] = {}
+        self.on_drop = lambda reason, n: self.drops.__setitem__(
+            reason, self.drops.get(reason, 0) + n
+        )
+
+
+def tap() -> Tap:
+    return Tap()
 
 
 def enc(key: bool, n: int = 0) -> Encoded:
@@ -69,17 +77,52 @@ def enc(key: bool, n: int = 0) -> Encoded:
 
 
 async def test_a_feed_starts_at_a_keyframe_and_restarts_when_it_overflows() -> None:
-    tap = FakeTap()
-    feed = EncodedFeed(tap)  # type: ignore[arg-type]
+    t = tap()
+    feed = t.subscribe()
     feed.offer(enc(False, 1))
-    assert not feed.synced and tap.requests == 1
+    assert not feed.synced
     feed.offer(enc(True, 2))
     for i in range(FEED_DEPTH - 1):
         feed.offer(enc(False, 3 + i))
     assert (await feed.get()).data == bytes([2])
+    assert t.drops == {}
     # Nobody reads: the feed fills, then drops everything and waits for a keyframe.
     for i in range(FEED_DEPTH + 1):
         feed.offer(enc(False, 20 + i))
     assert feed.restarts == 1 and not feed.synced
+    feed.offer(enc(False, 30))  # still no keyframe: lost to this viewer too
+    # Counted: the FEED_DEPTH frames thrown away when frame 21 overflowed the feed, and every
+    # frame after until a keyframe (21 to 24, and 30).
+    assert t.drops == {"behind": FEED_DEPTH, "restart": 5}
     feed.offer(enc(True, 40))
     assert (await feed.get()).data == bytes([40])
+
+
+def vp8(key: bool, n: int) -> tuple[RTCRtpCodecParameters, JitterFrame]:
+    data = bytes([0x10 if key else 0x11, n])
+    return RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000), JitterFrame(data, n)
+
+
+def test_the_decoder_queue_is_bounded_and_restarts_at_a_keyframe() -> None:
+    t = tap()
+    t.decoded_readers = 1  # vision wants pictures, but its decoder thread is stuck
+    t.put(vp8(True, 0))
+    for i in range(1, 40):
+        t.put(vp8(False, i))
+    # Never more than DECODE_DEPTH frames wait; the rest were dropped and counted.
+    assert t.qsize() <= DECODE_DEPTH
+    assert t.decoder_restarts >= 1
+    assert sum(t.drops.values()) >= 40 - DECODE_DEPTH - 1
+    # After a drop the decoder starts again at the next keyframe only.
+    t._drain()
+    t._decoder_synced = False
+    t.put(vp8(False, 50))
+    assert t.qsize() == 0
+    t.put(vp8(True, 51))
+    assert t.qsize() == 1 and t.get_nowait()[1].data == bytes([0x10, 51])
+    # The stop sentinel is never dropped.
+    for i in range(DECODE_DEPTH):
+        t.put(vp8(False, 60 + i))
+    t.put(None)
+    t.put(vp8(True, 99))
+    assert None in list(t.queue)

@@ -73,3 +73,48 @@ def test_video_stops_for_low_priority_calls_only_when_even_reduced_does_not_fit(
 def test_viewers_multiply_what_a_call_costs() -> None:
     modes = allocate([demand("a", 1, 1, viewers=3)], budget=2 * VGA30)
     assert modes["a"] is CallMode.REDUCED
+
+
+def test_seconds_without_packets_are_no_evidence_either_way() -> None:
+    c = LinkModeController()
+    c.update(AWFUL)
+    c.update(AWFUL)
+    assert c.mode is CallMode.AUDIO_ONLY
+    # The peer went quiet (or sends nothing on this link): no climbing back on silence.
+    silent = LinkSample(0.0, 0.02, packets=0)
+    for _ in range(30):
+        assert c.update(silent) is CallMode.AUDIO_ONLY
+    # Audio alone (50 packets a second) is evidence: a clean audio link climbs back.
+    audio_only = LinkSample(0.0, 0.02, packets=50)
+    modes = [c.update(audio_only) for _ in range(10)]
+    assert modes[4] is CallMode.REDUCED and modes[9] is CallMode.FULL
+
+
+def test_a_flapping_link_waits_longer_before_each_climb() -> None:
+    c = LinkModeController()
+
+    def seconds_to_climb() -> int:
+        n = 0
+        start = c.mode
+        while c.mode is start:
+            c.update(GOOD)
+            n += 1
+        return n
+
+    c.update(LOSSY)
+    c.update(LOSSY)
+    assert seconds_to_climb() == 5
+    # It falls again soon after recovering: the next climb needs twice as long, then four times.
+    c.update(LOSSY)
+    c.update(LOSSY)
+    assert c.mode is CallMode.REDUCED
+    assert seconds_to_climb() == 10
+    c.update(LOSSY)
+    c.update(LOSSY)
+    assert seconds_to_climb() == 20
+    # Once full quality holds for the flap window, the next fall recovers at the normal pace.
+    for _ in range(c.t.flap_window_s):
+        c.update(GOOD)
+    c.update(LOSSY)
+    c.update(LOSSY)
+    assert seconds_to_climb() == 5

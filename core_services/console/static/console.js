@@ -200,16 +200,27 @@ function banner(text, kind) {
   b.textContent = text;
 }
 
+const MODE_LABELS = { CALL_MODE_FULL: "Full video", CALL_MODE_REDUCED: "Reduced video", CALL_MODE_AUDIO_ONLY: "Audio only" };
+
 function onCallState(s) {
   state.mode = s.mode;
-  const label = { CALL_MODE_FULL: "Full video", CALL_MODE_REDUCED: "Reduced video", CALL_MODE_AUDIO_ONLY: "Audio only" }[s.mode] || "";
+  state.callState = s;
+  // The patient's side as the edge sees it: frames per second arriving, or why nothing does.
+  const fps = s.patient_fps || 0;
+  $("q-patient").textContent = s.patient_connected ? fmt(fps) + " fps" : "not connected";
   const m = $("p-mode");
+  // The edge says so when the patient's media stopped (before ICE gives up, ~30 s later):
+  // such a call is never shown as "Full video".
+  const stopped = !s.patient_connected && (s.reason || "").startsWith("no video");
+  const label = stopped ? "No video from patient" : !s.patient_connected ? "Waiting for patient" : MODE_LABELS[s.mode] || "";
   m.textContent = call ? label : "";
-  m.className = "mode" + (s.mode && s.mode !== "CALL_MODE_FULL" ? " degraded" : "");
+  m.className = "mode" + (!s.patient_connected || (s.mode && s.mode !== "CALL_MODE_FULL") ? " degraded" : "");
+  state.modeLabel = m.textContent;
   if (!call) return;
-  if (s.mode === "CALL_MODE_AUDIO_ONLY") banner("Link degraded: audio only with vitals (" + s.reason + ")", "bad");
-  else if (s.mode === "CALL_MODE_REDUCED") banner("Link degraded: reduced video (" + s.reason + ")", "bad");
+  if (stopped) banner("The patient's video and sound stopped arriving: their connection may have dropped", "bad");
   else if (!s.patient_connected) banner("Waiting for the patient to join the call", "info");
+  else if (s.mode === "CALL_MODE_AUDIO_ONLY") banner("Link degraded: audio only with vitals (" + s.reason + ")", "bad");
+  else if (s.mode === "CALL_MODE_REDUCED") banner("Link degraded: reduced video (" + s.reason + ")", "bad");
   else banner("", "");
 }
 
