@@ -39,6 +39,7 @@ from loadtest.figures import (
     throughput_ratio,
 )
 from loadtest.host import machine_info
+from loadtest.longbench import LONG_CALL_S, main_long, update_long_readme
 from loadtest.placement import run_placement
 from loadtest.plots import all_plots
 from loadtest.report import (
@@ -317,13 +318,28 @@ async def run_suite(
     """Run everything; returns (rows' results, ramp results, sections by name, scenarios)."""
     results: list[dict[str, Any]] = []
     scenarios: list[dict[str, Any]] = []
+    t0 = time.monotonic()
+    phases = len(LOADS) + 2 + len(SUITE_EXTRA) + len(EXTRA_SECTIONS)
+    done = 0
+
+    def phase(what: str) -> None:
+        nonlocal done
+        done += 1
+        print(
+            f"[bench] phase {done}/{phases}: {what} ({time.monotonic() - t0:.0f} s so far)",
+            file=sys.stderr,
+            flush=True,
+        )
+
     for n in LOADS:
         sc = replace(ISSUE2, name=f"issue2-{n}", patients=n, duration_s=duration_s)
+        phase(f"{n} patients on {', '.join(sc.paths)}")
         scenarios.append(sc.to_dict())
         # Fresh systems per phase, so one phase's leftovers never load the next.
         ctx.systems.stop()
         results += await run_scenario(ctx, sc, progress)
     ramp = replace(load_scenario("ramp-to-saturation"), duration_s=ramp_step_s)
+    phase(f"saturation ramp on {', '.join(ramp.paths)}")
     scenarios.append(ramp.to_dict())
     ctx.systems.stop()
     ramp_results = await run_scenario(ctx, ramp, progress)
@@ -331,13 +347,16 @@ async def run_suite(
         sc = load_scenario(name)
         if patients:
             sc = replace(sc, patients=patients)
+        phase(f"scenario {sc.name}")
         scenarios.append(sc.to_dict())
         results += await run_scenario(ctx, sc, progress)
     extra: dict[str, Any] = {}
     for section, run_section in EXTRA_SECTIONS.items():
+        phase(section)
         extra[section] = await run_section(ctx)
     # The mesh, echo and broker are idle now; stop them so placement has the SUT CPU alone.
     ctx.systems.stop()
+    phase("placement")
     print("[placement] building 1,000 edges and 100,000 sessions ...", file=sys.stderr)
     placement = await asyncio.to_thread(
         run_placement, ctx.work_dir, ctx.pinning, 1000, 100_000, placement_opens
@@ -354,8 +373,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="telehealth-bench",
         description="Run the fixed benchmark suite (edge vs bare gRPC echo vs Mosquitto QoS 0/1 "
-        "at 100 and 500 patients, saturation ramp, placement) in under 10 minutes; write "
-        "results/bench-<UTC>.json/.html/-*.png, results/latest.*, and the README table.",
+        "at 100 and 500 patients, saturation ramp, failover, video, placement) in under 10 "
+        "minutes; write results/bench-<UTC>.json/.html/-*.png, results/latest.*, and the "
+        "README table. With --long: the 30-minute soak and a 10-minute video call instead.",
+        epilog="examples:\n  telehealth-bench                      # make bench\n"
+        "  telehealth-bench --long               # make bench-long\n"
+        "  telehealth-bench --long --soak-duration 30 --call-s 0 --out /tmp/x --no-readme\n"
+        "  telehealth-bench --readme-from results/latest.json   # README block from a report",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
@@ -369,11 +394,43 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="REPORT_JSON",
         help="only rewrite the README section from an existing bench report, then exit",
     )
+    long = parser.add_argument_group(
+        "long runs (make bench-long, about 45 minutes; not part of make bench)"
+    )
+    long.add_argument(
+        "--long",
+        action="store_true",
+        help="run the 30-minute soak and a 10-minute video call instead of the suite; write "
+        "results/long-<UTC>.*, results/latest-long.* and the README's long-bench block",
+    )
+    long.add_argument(
+        "--soak-duration",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="with --long: soak seconds instead of the scenario's 1800 (a short check)",
+    )
+    long.add_argument(
+        "--call-s",
+        type=float,
+        default=LONG_CALL_S,
+        metavar="S",
+        help="with --long: seconds of the video call (default 600; 0 skips it)",
+    )
     ns = parser.parse_args(argv)
     if ns.readme_from:
         report = json.loads(ns.readme_from.read_text())
+        if report.get("kind") == "bench-long":
+            update_long_readme(ns.readme, report)
+            return
         main_rows = [r for r in report["runs"] if not r["name"].startswith("ramp:")]
         update_readme(ns.readme, readme_body(report, main_rows))
+        return
+    if ns.long:
+        progress = "tty" if sys.stderr.isatty() else "lines"
+        main_long(
+            ns.out, None if ns.no_readme else ns.readme, ns.soak_duration, ns.call_s, progress
+        )
         return
     started = time.time()
     machine = machine_info()
@@ -409,8 +466,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             "Placement is timed with one Open in flight at a time (service latency), after "
             "one warm-up call; the 1,000 edges are registry entries kept alive by in-process "
             "heartbeats, the 100,000 sessions rows loaded by the directory at start.",
-            "Saturation: a step passes with p99 under 50 ms, nothing lost and at least 98% "
-            "of the scheduled batches sent; two failing steps end the ramp, then two bisection "
+            "Saturation: a step passes with p99 under 50 ms (every expected delivery counted, "
+            "unsent and undelivered ones at their lower bounds), every batch sent and every one "
+            "delivered; two failing steps end the ramp, then two bisection "
             "steps between the best pass and the first failure. A failing step is run once "
             "more before it counts (the machine is shared); both attempts are in `runs`.",
             "Systems under test are restarted between the 100-patient, 500-patient and ramp "

@@ -135,6 +135,33 @@ def drops(rows: Sequence[dict[str, Any]], out: Path) -> Path:
     return out  # fmt: skip
 
 
+def memory_timeline(results: Sequence[dict[str, Any]], out: Path, title: str = "") -> Path:
+    """RSS of every process over each generator run (the soak's memory figure, drawn)."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    styles = ["-", "--", ":", "-."]
+    for res in results:
+        tl = res.get("rss_timeline") or []
+        names = sorted({n for _, row in tl for n in row})
+        for k, name in enumerate(names):
+            pts = [(t / 60, row[name]) for t, row in tl if name in row]
+            ax.plot(
+                [t for t, _ in pts],
+                [v for _, v in pts],
+                styles[k % 4],
+                color=_colour(res.get("path", "")) if name != "generator" else "#7f7f7f",
+                label=f"{res['label']}: {name}",
+            )
+    ax.set_xlabel("minutes into the run")
+    ax.set_ylabel("RSS, MiB")
+    ax.set_title(title or "Memory (RSS) per process")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def all_plots(
     prefix: Path,
     cdf_rows: Sequence[dict[str, Any]],

@@ -264,17 +264,17 @@ def copy_latest(files: dict[str, Path], out_dir: Path) -> None:
         shutil.copyfile(f, out_dir / f"latest{key}")
 
 
-def update_readme(readme: Path, body: str) -> None:
-    """Replace what lies between the bench markers; nothing outside them is touched.
-
-    A README without markers gets them appended; a missing README is created with only them.
-    """
-    block = f"{README_START}\n{body.strip()}\n{README_END}"
+def update_readme(
+    readme: Path, body: str, start: str = README_START, end: str = README_END
+) -> None:
+    """Replace what lies between the markers (the bench's by default); nothing outside them is
+    touched. A README without them gets them appended; a missing one is created with them."""
+    block = f"{start}\n{body.strip()}\n{end}"
     if not readme.exists():
         readme.write_text(block + "\n")
         return
     text = readme.read_text()
-    pattern = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.S)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text, count=1)
     else:
@@ -293,7 +293,8 @@ STANDARD_NOTES = (
     "bounds, and a percentile that reaches them is printed with '≥' (latency_lower_bound in "
     "the JSON). A step with any batch not sent or not delivered does not pass 'sustainable'.",
     "Generator-bound: the load generator used >= 85% of its CPU, or its event loop ran a 10 ms "
-    "timer more than 5 ms late at p99 (generator_loop_lag_ms). Such a row measures the "
+    "timer more than 5 ms late at p99 (generator_loop_lag_ms) and that lag is over a tenth of "
+    "the row's p99 (so it explains part of the figure). Such a row measures the "
     "generator as much as the system: its latency overstates the system's, its throughput "
     "understates it, and it is never taken as a ceiling; ratios against it are bounds.",
     "generator_send_lag_ms per row is how late the generator wrote each batch (asyncio timer "

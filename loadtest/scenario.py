@@ -69,6 +69,15 @@ class Scenario:
         return max(self.steps) if self.steps else self.patients
 
     @property
+    def load_seconds(self) -> float:
+        """Seconds of load the scenario plans (steps x duration, per path unless in parallel),
+        ramps included; retries and bisection steps of a saturation search come on top."""
+        per_path = (
+            self.duration_s * len(self.steps) if self.steps else self.duration_s + self.ramp_s
+        )
+        return per_path * (1 if self.parallel_paths else len(self.paths))
+
+    @property
     def offered_batches_per_s(self) -> float:
         return self.patients * self.batch_rate_hz
 

@@ -27,7 +27,8 @@ def test_builtin_scenarios_match_their_descriptions() -> None:
     assert (icu.patients, icu.batch_rate_hz, icu.subscribers_per_patient) == (50, 25, 4)
     assert icu.ecg_hz > 0
     assert soak.duration_s == 1800
-    assert load_scenario("ci-smoke").duration_s == 20
+    ci = load_scenario("ci-smoke")
+    assert ci.load_seconds == 20 and ci.placement_edges > 0  # "a 20-second scenario"
 
 
 def test_unknown_key_is_an_error_naming_it() -> None:
