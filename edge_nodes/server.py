@@ -47,8 +47,9 @@ class EdgeServer:
             self.metrics,
             tls=settings.tls(),
         )
-        self.audit = AuditTrail(settings.edge_id)
-        self.guard = EdgeGuard(settings, self.verifier, self.audit)
+        # Audit records persist beside the journal until the core has chained them.
+        self.audit = AuditTrail(settings.edge_id, settings.data_dir / "edge-audit.db")
+        self.guard = EdgeGuard(settings, self.verifier, self.audit, self.registry_metrics)
         self.grpc = GrpcServer(
             settings.grpc_listen,
             self.metrics.rpc,
@@ -121,6 +122,7 @@ class EdgeServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.http.stop()
         await self.journal.close()
+        self.audit.close()
         log.info("edge stopped", extra={"edge": self.settings.edge_id})
 
     async def __aenter__(self) -> EdgeServer:

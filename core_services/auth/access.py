@@ -384,8 +384,6 @@ def _blank_clinical(s: Any) -> None:
 async def _list(p: AccessPolicy, req: Any, ctx: Context) -> Callable[[Any], Awaitable[Any]]:
     who = p.user(ctx)
     mine = await p.assignments.patients_of(who.user_id) if who.role == "clinician" else set()
-    if who.role == "clinician":
-        await p.record(ctx, who, "sessions.list", "", "", True)
 
     async def filtered(resp: Any) -> Any:
         keep = [s for s in resp.sessions if who.role == "operator" or s.patient_id in mine]
@@ -394,6 +392,14 @@ async def _list(p: AccessPolicy, req: Any, ctx: Context) -> Callable[[Any], Awai
                 _blank_clinical(s)
         del resp.sessions[:]
         resp.sessions.extend(keep)
+        if who.role == "clinician":
+            # A listing shows NEWS2 per patient: one entry per patient shown (coalesced).
+            await p.record_views(
+                ctx.peer() or "",
+                who,
+                "sessions.list",
+                [(s.patient_id, s.session_id) for s in keep],
+            )
         return resp
 
     return filtered
@@ -487,8 +493,16 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                     await p.record(context, who, "sessions.watch", "", request.session_id, True)
                 async for ev in inner_us(request, context):
                     if who is not None:
-                        if who.role == "clinician" and ev.session.patient_id not in mine:
-                            continue
+                        if who.role == "clinician":
+                            if ev.session.patient_id not in mine:
+                                continue
+                            # Each patient the watch shows, once per audit window.
+                            await p.record_views(
+                                context.peer() or "",
+                                who,
+                                "sessions.watch",
+                                [(ev.session.patient_id, ev.session.session_id)],
+                            )
                         if who.role == "operator":
                             _blank_clinical(ev.session)
                     yield ev

@@ -28,7 +28,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 GENESIS = "0" * 64
 # Actions that read patient data; every one of them is recorded.
 ACTIONS = (
+    # Live vitals from an edge: gRPC Subscribe and the browser WebSocket alike.
     "vitals.subscribe",
+    # A clinician receiving a patient's video (Negotiate as viewer) or following a call.
+    "media.view",
+    "media.watch",
     "session.attach_viewer",
     "archive.query",
     "archive.export",

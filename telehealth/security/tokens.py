@@ -249,6 +249,37 @@ class TokenVerifier:
             raise Unauthenticated(f"invalid {what}: {e}") from e
         return claims
 
+    def identify(self, token: str | None) -> SessionClaims | None:
+        """Whose session token this is, if it is genuine (our signature), whatever else is
+        wrong with it (expired, another session or role): for audit records of refusals,
+        which must never name a subject an attacker merely wrote into a forged token."""
+        if not token:
+            return None
+        try:
+            kid = str(jwt.get_unverified_header(token).get("kid"))
+            key = self._keys.get(kid)
+            if key is None:
+                return None
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=["EdDSA"],
+                audience=AUDIENCE,
+                issuer=ISSUER,
+                options={"verify_exp": False, "require": ["sub", "aud", "iss"]},
+            )
+            return SessionClaims(
+                session_id=str(claims["sub"]),
+                role=str(claims.get("role", "")),
+                edge_id=str(claims.get("edge", "")),
+                zone=str(claims.get("zone", "")),
+                spo2_scale=int(claims.get("spo2_scale", 1)),
+                expires_unix=int(claims.get("exp", 0)),
+                subject_id=str(claims.get("act", "")),
+            )
+        except (jwt.PyJWTError, ValueError, TypeError):
+            return None
+
     def verify_user(self, token: str | None) -> UserClaims:
         """A person's login token (clinician or operator)."""
         claims = self._decode(token, USER_AUDIENCE, "login token", LEEWAY_S)

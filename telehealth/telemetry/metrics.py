@@ -41,6 +41,43 @@ class RpcMetrics:
         )
 
 
+class GuardMetrics:
+    """The edge's front door: publish pacing and the durable audit outbox."""
+
+    def __init__(self, registry: CollectorRegistry, edge_id: str, zone: str) -> None:
+        labels = {"edge": edge_id, "zone": zone}
+        self.paced = Counter(
+            "edge_publish_paced_total",
+            "Publish batches held back because their session was over its rate",
+            list(labels),
+            namespace=NAMESPACE,
+            registry=registry,
+        ).labels(**labels)
+        self.paced_seconds = Counter(
+            "edge_publish_paced_seconds_total",
+            "Time publish streams were held back by pacing",
+            list(labels),
+            namespace=NAMESPACE,
+            registry=registry,
+        ).labels(**labels)
+        self.audit_pending = Gauge(
+            "edge_audit_pending",
+            "Audit records persisted at the edge and not yet chained by the core",
+            list(labels),
+            namespace=NAMESPACE,
+            registry=registry,
+        ).labels(**labels)
+        recorded = Counter(
+            "edge_audit_recorded_total",
+            "Audit records of patient-data reads at this edge, by outcome (allowed, denied)",
+            [*labels, "outcome"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.audit_allowed = recorded.labels(**labels, outcome="allowed")
+        self.audit_denied = recorded.labels(**labels, outcome="denied")
+
+
 class EdgeMetrics:
     """What an edge node's vitals pipeline exports."""
 
