@@ -9,6 +9,7 @@ own settings classes.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
 import re
@@ -656,6 +657,58 @@ def test_single_sqlite_core_keeps_its_keys_on_its_volume_and_restarts_alone() ->
     assert core_deployment(objs)["spec"]["strategy"] == {"type": "Recreate"}
 
 
+def _data_volume(objs: tuple[Obj, ...]) -> Obj:
+    spec = core_deployment(objs)["spec"]["template"]["spec"]
+    return dict({v["name"]: v for v in spec["volumes"]}["data"])
+
+
+def test_single_sqlite_core_keeps_its_data_on_a_claim_by_default() -> None:
+    objs = render("default")
+    (pvc,) = of_kind(objs, "PersistentVolumeClaim")
+    assert _data_volume(objs) == {
+        "name": "data",
+        "persistentVolumeClaim": {"claimName": pvc["metadata"]["name"]},
+    }
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    assert "storageClassName" not in pvc["spec"]  # the cluster's default class
+    # Patient data outlives helm uninstall.
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    # The data volume is where the core keeps everything (data_dir and its keys).
+    s = core_settings_of(objs)
+    mounts = core_deployment(objs)["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert {"name": "data", "mountPath": str(s.data_dir)} in mounts
+    assert s.resolved_keys_dir().is_relative_to(s.data_dir)
+
+
+@pytest.mark.parametrize(
+    ("value_set", "extra", "volume"),
+    [
+        ("default", ("--set", "core.persistence.enabled=false"), {"emptyDir": {"sizeLimit": "1Gi"}}),
+        ("default", ("--set", "core.persistence.existingClaim=mine"), {"persistentVolumeClaim": {"claimName": "mine"}}),
+        # On PostgreSQL the state is in the database: nothing to claim per replica.
+        ("external-postgresql", (), {"emptyDir": {"sizeLimit": "1Gi"}}),
+    ],
+)  # fmt: skip
+def test_core_data_volume_follows_persistence_values(
+    value_set: str, extra: tuple[str, ...], volume: Obj
+) -> None:
+    objs = render(value_set, *extra)
+    assert not of_kind(objs, "PersistentVolumeClaim")
+    assert _data_volume(objs) == {"name": "data", **volume}
+
+
+def test_persistence_storage_class_can_be_named_or_disabled() -> None:
+    (pvc,) = of_kind(
+        render("default", "--set", "core.persistence.storageClass=fast"), "PersistentVolumeClaim"
+    )
+    assert pvc["spec"]["storageClassName"] == "fast"
+    (pvc,) = of_kind(
+        render("default", "--set", "core.persistence.storageClass=-"), "PersistentVolumeClaim"
+    )
+    assert pvc["spec"]["storageClassName"] == ""
+
+
 def test_user_provided_signing_keys_are_mounted_instead_of_generated() -> None:
     objs = render("external-postgresql", "--set", "core.tokenKeys.existingSecret=mesh-keys")
     assert not [x for x in of_kind(objs, "Secret") if "token-keys" in x["metadata"]["name"]]
@@ -766,16 +819,68 @@ def test_values_schema_rejects_bad_values(setting: str, complaint: str) -> None:
     assert complaint in out.stderr, out.stderr
 
 
-def _schema_props(*path: str) -> set[str]:
-    node = json.loads((CHART / "values.schema.json").read_text())
-    for key in path:
-        node = node["properties"][key]
-    return set(node["properties"])
+@cache
+def settings_schema_tool() -> Any:
+    """deploy/helm/settings_schema.py: the lists of chart-owned and excluded settings."""
+    spec = importlib.util.spec_from_file_location(
+        "settings_schema", ROOT / "deploy" / "helm" / "settings_schema.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_schema_config_keys_are_real_settings() -> None:
-    assert _schema_props("core", "config") <= set(CoreSettings.model_fields)
-    assert _schema_props("edge", "config") <= set(EdgeSettings.model_fields)
+def _settings_given(objs: tuple[Obj, ...]) -> dict[str, set[str]]:
+    """Which settings the chart sets for the core and for edges (config body or env)."""
+    configmaps = {c["metadata"]["name"]: c for c in of_kind(objs, "ConfigMap")}
+    given: dict[str, set[str]] = {"core": set(), "edge": set()}
+    for _, spec in pod_specs(objs):
+        c = spec["containers"][0]
+        which = {"telehealth-core": "core", "telehealth-edge": "edge"}.get(
+            c.get("command", [""])[0]
+        )
+        if which is None:
+            continue
+        env = _env_of(c, configmaps)
+        given[which] |= set(yaml.safe_load(env["TELEHEALTH_CONFIG"]))
+        given[which] |= {
+            k.removeprefix("TELEHEALTH_").lower() for k in env if k.startswith("TELEHEALTH_")
+        } - {"config"}
+    return given
+
+
+def test_every_cluster_relevant_setting_is_settable_through_the_chart() -> None:
+    """Each setting is settable (core.config, edge.config, zones[].config), set by the chart,
+    or listed as making no sense in a cluster; deploy/helm/settings_schema.py keeps the
+    schema in step with the settings classes."""
+    tool = settings_schema_tool()
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    nodes = tool.config_nodes(schema)
+    for key, expected in tool.expected_config_schemas().items():
+        assert nodes[key]["additionalProperties"] is False
+        assert nodes[key]["properties"] == expected, (
+            f"{key} config schema is out of date: run .venv/bin/python deploy/helm/settings_schema.py"
+        )
+    given: dict[str, set[str]] = {"core": set(), "edge": set()}
+    for value_set in VALUE_SETS:
+        for k, v in _settings_given(render(value_set)).items():
+            given[k] |= v
+    for key, model, owned, excluded in (
+        ("core", CoreSettings, tool.CORE_CHART_OWNED, tool.CORE_NOT_IN_A_CLUSTER),
+        ("edge", EdgeSettings, tool.EDGE_CHART_OWNED, tool.EDGE_NOT_IN_A_CLUSTER),
+    ):
+        fields = set(model.model_fields)
+        settable = set(nodes[key]["properties"])
+        # No stale names in the lists, and every setting in exactly one place.
+        assert set(owned) <= fields, f"{key}: {sorted(set(owned) - fields)} are not settings"
+        assert set(excluded) <= fields, f"{key}: {sorted(set(excluded) - fields)} are not settings"
+        assert settable | set(owned) | set(excluded) == fields
+        assert not settable & (set(owned) | set(excluded))
+        # The chart really sets what it claims to own (in at least one value set).
+        assert set(owned) <= given[key], (
+            f"{key}: the chart never sets {sorted(set(owned) - given[key])}"
+        )
 
 
 def test_values_readme_documents_every_value() -> None:

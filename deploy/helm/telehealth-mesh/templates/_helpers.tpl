@@ -123,6 +123,16 @@ SQLite core keeps its own keys on its data volume.
 /etc/telehealth/token-keys
 {{- end }}
 
+{{/* The claim holding the single SQLite core's data_dir; empty for an emptyDir. */}}
+{{- define "telehealth.coreDataClaim" -}}
+{{- $p := .Values.core.persistence }}
+{{- if $p.existingClaim }}
+{{- $p.existingClaim }}
+{{- else if and $p.enabled (not .Values.externalPostgresql.enabled) }}
+{{- printf "%s-data" (include "telehealth.coreName" .) }}
+{{- end }}
+{{- end }}
+
 {{/* The restricted Pod Security Standard, for pods. */}}
 {{- define "telehealth.podSecurityContext" -}}
 runAsNonRoot: true
