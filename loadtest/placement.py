@@ -3,8 +3,10 @@
 `serve` builds that state inside a real CoreServer (sessions bulk-inserted through the store's
 engine before start so the directory loads them as after a restart; edges registered through
 the registry's connect()/heartbeat as heartbeat streams would) and serves gRPC on loopback.
-`time` runs in another process and times Opens over real gRPC. Both are started by
-`run_placement()`, the server pinned with the SUT, the client with the generator.
+`time` runs in another process and times Opens over real gRPC, then reads the core's own
+histogram of the placement decision (telehealth_core_placement_decision_seconds) from its
+/metrics. Both are started by `run_placement()`, the server pinned with the SUT, the client
+with the generator.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ async def _build_and_serve(data_dir: Path, edges: int, sessions_n: int) -> None:
         loop.add_signal_handler(sig, stop.set)
     state = {
         "address": core.address,
+        "metrics_url": core.http.url + "/metrics",
         "build_s": round(time.monotonic() - t0, 2),
         "sessions_loaded": len(core.directory.sessions),
         "edges_registered": len(core.edges.edges),
@@ -105,6 +108,46 @@ async def _build_and_serve(data_dir: Path, edges: int, sessions_n: int) -> None:
     await stop.wait()
     await hb
     await core.stop(grace=0)
+
+
+def _histogram(text: str, name: str) -> dict[str, Any]:
+    """Count and bucket-bound quantiles (like PromQL's histogram_quantile, but the bucket's
+    upper bound: a figure the decision is known to be under) of one histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    buckets: list[tuple[float, float]] = []
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name != name:
+            continue
+        for point in family.samples:
+            if point.name == name + "_bucket":
+                buckets.append((float(point.labels["le"]), point.value))
+            elif point.name == name + "_count":
+                total = point.value
+    buckets.sort()
+
+    def under(q: float) -> float | None:
+        for le, cumulative in buckets:
+            if total and cumulative >= q * total:
+                return le
+        return None
+
+    def us(v: float | None) -> float | None:
+        return None if v is None or v == float("inf") else round(v * 1e6, 1)
+
+    return {"count": int(total), "p50_le_us": us(under(0.5)), "p99_le_us": us(under(0.99))}
+
+
+async def _decision_figures(metrics_url: str) -> dict[str, Any]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.get(metrics_url) as r:
+        text = await r.text()
+    return {
+        "decision": _histogram(text, "telehealth_core_placement_decision_seconds"),
+        "in_memory_placement": _histogram(text, "telehealth_core_placement_duration_seconds"),
+    }
 
 
 async def _time_opens(address: str, opens: int) -> dict[str, Any]:
@@ -179,7 +222,7 @@ def run_placement(
         subprocess.run(
             [
                 sys.executable, "-m", "loadtest.placement", "time", "--address", state["address"],
-                "--opens", str(opens), "--out", str(out),
+                "--metrics-url", state["metrics_url"], "--opens", str(opens), "--out", str(out),
                 "--cpus", ",".join(str(c) for c in sorted(pinning.generator)),
             ],
             check=True,
@@ -199,7 +242,8 @@ def run_placement(
         "live_sessions": sessions_n,
         "state": state,
         "core_cpu": cpu,
-        "method": "sequential Opens (one in flight) over gRPC on loopback; latency per call",
+        "method": "sequential Opens (one in flight) over gRPC on loopback; latency per call; "
+        "server.decision: the core's histogram of the placement decision alone (bucket bounds)",
         **result,
     }
 
@@ -217,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     s.add_argument("--cpus", default="")
     t = sub.add_parser("time", help="time Opens against a served core")
     t.add_argument("--address", required=True)
+    t.add_argument("--metrics-url", default="", help="the core's /metrics, for its own figures")
     t.add_argument("--opens", type=int, default=500)
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--cpus", default="")
@@ -226,7 +271,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if ns.command == "serve":
         asyncio.run(_build_and_serve(ns.data_dir, ns.edges, ns.sessions))
     else:
-        ns.out.write_text(json.dumps(asyncio.run(_time_opens(ns.address, ns.opens))))
+        result = asyncio.run(_time_opens(ns.address, ns.opens))
+        if ns.metrics_url:
+            result["server"] = asyncio.run(_decision_figures(ns.metrics_url))
+        ns.out.write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

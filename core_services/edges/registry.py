@@ -12,7 +12,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from core_services.edges.discovery import DiscoveredEdge
-from core_services.sessions.domain import EdgeState, EdgeView, Session
+from core_services.sessions.domain import (
+    EdgeState,
+    EdgeView,
+    Placement,
+    PlacementIndex,
+    Session,
+    ZoneLatency,
+)
 from core_services.store import SqlStore
 from telehealth.errors import NotFound
 from telehealth.rpc import secure_channel
@@ -106,8 +113,13 @@ class EdgeRegistry:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._clock = clock
         self.edges: dict[str, EdgeEntry] = {}
-        # Sessions the core has placed per edge: fresher than the edge's own report.
+        # Sessions the core has placed per edge: fresher than the edge's own report. Changed
+        # only through add_placed(), which keeps the placement index and gauges in step.
         self.placed: dict[str, int] = {}
+        self.placement = PlacementIndex()
+        # Open sessions per zone of their edge, and the zone each edge's count is under.
+        self._zone_open: dict[str, int] = {}
+        self._counted_in: dict[str, str] = {}
         self.on_edge_dead: Callable[[str], Awaitable[None]] | None = None
         # Several core replicas share the store: other replicas' edges come from it.
         self.shared = False
@@ -140,22 +152,68 @@ class EdgeRegistry:
                 draining=state is EdgeState.DRAINING,
                 tls_server_name=row["tls_server_name"],
             )
+            self._changed(self.edges[row["edge_id"]])
         self._export()
 
+    def _view(self, e: EdgeEntry) -> EdgeView:
+        return EdgeView(
+            edge_id=e.edge_id,
+            zone=e.zone,
+            address=e.address,
+            state=e.state,
+            active_sessions=max(self.placed.get(e.edge_id, 0), e.reported_sessions)
+            if e.state is not EdgeState.DEAD
+            else 0,
+            capacity_sessions=e.capacity_sessions,
+        )
+
     def views(self) -> list[EdgeView]:
-        return [
-            EdgeView(
-                edge_id=e.edge_id,
-                zone=e.zone,
-                address=e.address,
-                state=e.state,
-                active_sessions=max(self.placed.get(e.edge_id, 0), e.reported_sessions)
-                if e.state is not EdgeState.DEAD
-                else 0,
-                capacity_sessions=e.capacity_sessions,
-            )
-            for e in self.edges.values()
-        ]
+        return [self._view(e) for e in self.edges.values()]
+
+    def choose(
+        self, zone: str, latency: ZoneLatency, exclude: frozenset[str] = frozenset()
+    ) -> Placement:
+        """Placement over the index: the same answer as choose_edge(views()), without
+        looking at every edge."""
+        return self.placement.choose(zone, latency, exclude)
+
+    def _changed(self, e: EdgeEntry) -> None:
+        """An edge's state, zone, capacity or load may have changed: re-index it if so and
+        recount its zone's open sessions."""
+        view = self._view(e)
+        if self.placement.get(e.edge_id) != view:
+            self.placement.update(view)
+        counted = self._counted_in.get(e.edge_id)
+        if counted != e.zone:
+            n = self.placed.get(e.edge_id, 0)
+            if counted is not None:
+                self._add_zone_open(counted, -n)
+            self._counted_in[e.edge_id] = e.zone
+            self._add_zone_open(e.zone, n)
+
+    def _add_zone_open(self, zone: str, n: int) -> None:
+        total = self._zone_open.get(zone, 0) + n
+        self._zone_open[zone] = total
+        self._metrics.open_sessions.labels(zone).set(total)
+
+    def add_placed(self, edge_id: str, delta: int) -> None:
+        """The directory placed (+1) or took away (-1) a session on this edge."""
+        n = max(0, self.placed.get(edge_id, 0) + delta)
+        delta = n - self.placed.get(edge_id, 0)
+        self.placed[edge_id] = n
+        e = self.edges.get(edge_id)
+        if e is None:
+            return  # counted in its zone when the edge becomes known
+        zone = self._counted_in.get(edge_id)
+        if zone is None:
+            self._changed(e)  # counts the whole of placed in
+        else:
+            self._add_zone_open(zone, delta)
+            if max(n, e.reported_sessions) != max(n - delta, e.reported_sessions):
+                self.placement.update(self._view(e))
+        self._metrics.edge_load.labels(e.edge_id, e.zone).set(
+            max(n, e.reported_sessions) / max(e.capacity_sessions, 1)
+        )
 
     def get(self, edge_id: str) -> EdgeEntry:
         e = self.edges.get(edge_id)
@@ -183,6 +241,7 @@ class EdgeRegistry:
         e.last_heartbeat_unix_ns = time.time_ns()
         # Heartbeats on a new stream revive a dead edge, unless Kubernetes says it is not ready.
         e.state = self._alive_state(e) if self._may_serve(edge_id) else EdgeState.DEAD
+        self._changed(e)
         log.info(
             "edge connected",
             extra={
@@ -233,9 +292,11 @@ class EdgeRegistry:
         batches_in_total: int,
     ) -> None:
         e = self.edges[edge_id]
-        e.reported_sessions = active_sessions
+        capacity = capacity or e.capacity_sessions
+        if (e.reported_sessions, e.capacity_sessions) != (active_sessions, capacity):
+            e.reported_sessions, e.capacity_sessions = active_sessions, capacity
+            self.placement.update(self._view(e))
         e.subscribers = subscribers
-        e.capacity_sessions = capacity or e.capacity_sessions
         e.cpu_percent = cpu_percent
         e.batches_in_total = batches_in_total
         e.last_heartbeat_mono = self._clock()
@@ -263,6 +324,7 @@ class EdgeRegistry:
         self.send(edge_id, SetDraining(draining))
         if e.state is not EdgeState.DEAD:
             e.state = EdgeState.DRAINING if draining else EdgeState.HEALTHY
+        self._changed(e)
         await self._persist(e)
         self._export()
         return e
@@ -341,6 +403,7 @@ class EdgeRegistry:
                     log.warning("edge declared dead by another replica", extra={"edge": e.edge_id})
                     e.state = EdgeState.DEAD
                     self._end_stream(e, "declared dead by another core replica")
+                    self._changed(e)
                 continue
             if e is None:
                 e = EdgeEntry(edge_id=row["edge_id"], zone=row["zone"], address=row["address"])
@@ -351,6 +414,7 @@ class EdgeRegistry:
             e.draining = e.state is EdgeState.DRAINING
             e.capacity_sessions = row["capacity_sessions"]
             e.last_heartbeat_unix_ns = max(e.last_heartbeat_unix_ns, row["last_heartbeat_unix_ns"])
+            self._changed(e)
         self._export()
 
     async def apply_discovery(self, found: list[DiscoveredEdge]) -> list[str]:
@@ -377,6 +441,7 @@ class EdgeRegistry:
 
     async def _revive(self, e: EdgeEntry, reason: str) -> None:
         e.state = self._alive_state(e)
+        self._changed(e)
         log.info("edge back", extra={"edge": e.edge_id, "reason": reason})
         await self._persist(e)
         self._export()
@@ -388,6 +453,7 @@ class EdgeRegistry:
         edge_ids = [i for i in edge_ids if self.edges[i].state is not EdgeState.DEAD]
         for edge_id in edge_ids:
             self.edges[edge_id].state = EdgeState.DEAD
+            self._changed(self.edges[edge_id])
         claimed = []
         for edge_id in edge_ids:
             e = self.edges[edge_id]

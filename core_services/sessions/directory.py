@@ -21,7 +21,6 @@ from core_services.sessions.domain import (
     Session,
     SessionState,
     ZoneLatency,
-    choose_edge,
 )
 from core_services.store import SqlStore
 from telehealth.errors import (
@@ -154,25 +153,26 @@ class SessionDirectory:
         """Recover open sessions after a core restart; edges re-report their live state."""
         for s in await self._store.open_sessions():
             self._cache(s)
-        self._export()
 
     def _cache(self, s: Session) -> Session | None:
         """Keep the open-session cache and the per-edge placed counts in step; return the
         session as it was cached before."""
         old = self.sessions.pop(s.session_id, None)
         if old is not None:
-            self._registry.placed[old.edge_id] = max(
-                0, self._registry.placed.get(old.edge_id, 1) - 1
-            )
+            self._registry.add_placed(old.edge_id, -1)
         if s.state is SessionState.OPEN:
             self.sessions[s.session_id] = s
-            self._registry.placed[s.edge_id] = self._registry.placed.get(s.edge_id, 0) + 1
+            self._registry.add_placed(s.edge_id, 1)
         return old
+
+    def _uncache(self, s: Session) -> None:
+        if self.sessions.get(s.session_id) is s:
+            del self.sessions[s.session_id]
+            self._registry.add_placed(s.edge_id, -1)
 
     async def _announce(self, kind: EventKind, s: Session) -> None:
         """Tell local watchers, and the other replicas (which update their cache first)."""
         self._publish(kind, s)
-        self._export()
         await self._bus.publish({"kind": "session", "event": kind.name, "session": s.to_dict()})
 
     async def _command(
@@ -202,7 +202,6 @@ class SessionDirectory:
             if s.state is not SessionState.OPEN:
                 self.live.pop(s.session_id, None)
             self._publish(EventKind[event["event"]], s)
-            self._export()
         elif kind == "command":
             cmd: AssignSession | ReleaseSession | MoveSession
             if event["command"] == "assign":
@@ -254,16 +253,17 @@ class SessionDirectory:
         async with self._lock:
             t0 = time.perf_counter()
             try:
-                placement = choose_edge(self._registry.views(), zone, self._latency)
+                placement = self._registry.choose(zone, self._latency)
                 if placement.fallback and self._bus.shared:
                     # Another replica may have just heard of an edge in this zone.
                     await self._registry.refresh()
-                    placement = choose_edge(self._registry.views(), zone, self._latency)
+                    t0 = time.perf_counter()
+                    placement = self._registry.choose(zone, self._latency)
             except NoEdgeAvailable:
                 self._metrics.placements.labels("rejected").inc()
                 raise
             finally:
-                self._metrics.placement_duration.observe(time.perf_counter() - t0)
+                self._metrics.placement_decision.observe(time.perf_counter() - t0)
             self._metrics.placements.labels(
                 "fallback_zone" if placement.fallback else "same_zone"
             ).inc()
@@ -277,9 +277,16 @@ class SessionDirectory:
                 state=SessionState.OPEN,
                 opened_unix_ns=self._clock_ns(),
             )
-            await self._store.add_session(s)
+            # Counted on its edge before the lock goes, so the next Open sees the load.
             self._cache(s)
-        await self._assign_on_edge(s)
+        self._metrics.placement_duration.observe(time.perf_counter() - t0)
+        try:
+            await self._store.add_session(s)
+        except BaseException:
+            self._uncache(s)
+            raise
+        # A new session has nothing archived: no need to ask the archive.
+        await self._command(s.edge_id, AssignSession(s, 0))
         log.info(
             "session opened",
             extra={
@@ -327,9 +334,7 @@ class SessionDirectory:
             s = await self._open_session(session_id)
             if from_edge and s.edge_id != from_edge:
                 return s  # already moved by a concurrent report
-            placement = choose_edge(
-                self._registry.views(), s.zone, self._latency, exclude=frozenset({s.edge_id})
-            )
+            placement = self._registry.choose(s.zone, self._latency, frozenset({s.edge_id}))
             old = s.edge_id
             s = s.moved_to(placement.edge.edge_id)
             if not await self._store.move_session(s, old):
@@ -366,9 +371,7 @@ class SessionDirectory:
                 old, new_zone = s.edge_id, zone or s.zone
                 exclude = frozenset({old, *tried}) if reason == "drain" else frozenset(tried)
                 try:
-                    placement = choose_edge(
-                        self._registry.views(), new_zone, self._latency, exclude
-                    )
+                    placement = self._registry.choose(new_zone, self._latency, exclude)
                 except NoEdgeAvailable:
                     if not tried:
                         raise
@@ -773,12 +776,3 @@ class SessionDirectory:
     async def assignment_command(self, s: Session) -> AssignSession:
         archived = await self.archive.archived_seq(s.session_id) if self.archive else 0
         return AssignSession(s, archived)
-
-    def _export(self) -> None:
-        # From the per-edge placed counts (kept by _cache), so the cost follows the number
-        # of edges, not of sessions: at 100,000 sessions a walk over them dominated Open.
-        zones: dict[str, int] = {}
-        for e in self._registry.edges.values():
-            zones[e.zone] = zones.get(e.zone, 0) + self._registry.placed.get(e.edge_id, 0)
-        for z, n in zones.items():
-            self._metrics.open_sessions.labels(z).set(n)

@@ -13,6 +13,13 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
+# Placement decisions take microseconds: buckets fine enough to show "well under 1 ms".
+DECISION_BUCKETS = (
+    0.000002, 0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025,
+    0.01,
+)  # fmt: skip
+
+
 class RpcMetrics:
     """Per-method gRPC latency and outcome, filled by the server interceptor."""
 
@@ -181,10 +188,17 @@ class CoreMetrics:
         )
         self.placement_duration = Histogram(
             "core_placement_duration_seconds",
-            "Time to choose an edge for a session",
+            "Time to place a session in memory (choose an edge, count it there), store excluded",
             namespace=NAMESPACE,
             registry=registry,
             buckets=LATENCY_BUCKETS,
+        )
+        self.placement_decision = Histogram(
+            "core_placement_decision_seconds",
+            "Time of the placement decision itself (which edge), beside the Open RPC latency",
+            namespace=NAMESPACE,
+            registry=registry,
+            buckets=DECISION_BUCKETS,
         )
         self.migrations = Counter(
             "core_migrations_total",

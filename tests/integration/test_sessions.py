@@ -516,3 +516,31 @@ async def test_edge_dialled_by_ip_is_checked_against_its_tls_server_name(tmp_pat
     finally:
         await edge.stop(grace=0)
         await core.stop(grace=0)
+
+
+async def test_open_sessions_gauge_and_placement_decision_histogram(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    """Kept incrementally (no walk over edges or sessions per Open), and still right."""
+    await edge_factory("edge-a", "zone-a")
+    await edge_factory("edge-b", "zone-b")
+    opened = [
+        await open_session(core, channel_to, f"zone-{z}", f"p-{i}") for i, z in enumerate("aab")
+    ]
+    stub = sessions_pb2_grpc.SessionsServiceStub(channel_to(core.address))
+    op = await staff(core, "operator")
+    await stub.Close(
+        sessions_pb2.CloseSessionRequest(session_id=opened[0].session.session_id), metadata=op
+    )
+
+    def sample(name: str, **labels: str) -> float | None:
+        return core.registry_metrics.get_sample_value(name, labels)
+
+    assert sample("telehealth_core_open_sessions", zone="zone-a") == 1
+    assert sample("telehealth_core_open_sessions", zone="zone-b") == 1
+    assert sample("telehealth_core_placement_decision_seconds_count") == 3
+    # Until edge-a's next report the closed session may still count (the edge's own view).
+    await eventually(
+        lambda: sample("telehealth_core_edge_load_ratio", edge="edge-a", zone="zone-a") == 1 / 1000,
+        what="edge-a's load after the close",
+    )
