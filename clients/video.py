@@ -30,12 +30,16 @@ from av import VideoFrame
 from av.frame import Frame
 from av.packet import Packet
 
+from edge_nodes.media.quality import REDUCED_MAX_FPS, REDUCED_SCALE
 from edge_nodes.vision.synthetic import SyntheticFace, read_frame_counter
-from telehealth.rpc import bearer
+from telehealth.rpc import bearer, secure_channel
+from telehealth.security.tls import TlsFiles
 from telehealth.v1 import media_pb2, media_pb2_grpc, sessions_pb2
 
 log = logging.getLogger(__name__)
 VIDEO_CLOCK = fractions.Fraction(1, 90_000)
+PUBLISHER = sessions_pb2.ROLE_PUBLISHER
+VIEWER = sessions_pb2.ROLE_VIEWER
 
 
 class PacedVideoTrack(MediaStreamTrack):
@@ -59,6 +63,11 @@ class PacedVideoTrack(MediaStreamTrack):
         if self._start is None:
             self._start = now
         due = self._start + self.index / self.fps
+        if now - due > 2 / self.fps:
+            # Not read for a while (audio-only mode, a busy machine): go on from now rather
+            # than sending the missed frames back to back.
+            self._start = now - self.index / self.fps
+            due = now
         if due > now:
             await asyncio.sleep(due - now)
         i = self.index
@@ -107,6 +116,54 @@ class CameraTrack(PacedVideoTrack):
         self._cap.release()
 
 
+class AdaptiveVideoTrack(MediaStreamTrack):
+    """What the device sends, following the edge's CallState.send_mode: everything at FULL;
+    half the width and height at no more than 15 fps at REDUCED; no video at AUDIO_ONLY
+    (the source is still read, so a camera or file does not back up, and its frames dropped).
+    The edge then forwards what arrives as it is, instead of re-encoding it smaller."""
+
+    kind = "video"
+
+    def __init__(self, source: MediaStreamTrack) -> None:
+        super().__init__()
+        self.source = source
+        self.mode: int = media_pb2.CALL_MODE_FULL
+        self._last_sent = 0.0
+        self.sent = 0
+
+    def set_mode(self, mode: int) -> None:
+        if mode in (
+            media_pb2.CALL_MODE_FULL,
+            media_pb2.CALL_MODE_REDUCED,
+            media_pb2.CALL_MODE_AUDIO_ONLY,
+        ):
+            self.mode = mode
+
+    async def recv(self) -> Frame | Packet[Any]:
+        while True:
+            if self.readyState != "live":
+                raise MediaStreamError
+            frame = await self.source.recv()
+            if self.mode == media_pb2.CALL_MODE_AUDIO_ONLY or not isinstance(frame, VideoFrame):
+                continue
+            if self.mode == media_pb2.CALL_MODE_REDUCED:
+                now = time.monotonic()
+                if now - self._last_sent < 1.0 / REDUCED_MAX_FPS * 0.9:
+                    continue
+                self._last_sent = now
+                w = max(2, frame.width // REDUCED_SCALE // 2 * 2)
+                h = max(2, frame.height // REDUCED_SCALE // 2 * 2)
+                scaled = frame.reformat(width=w, height=h)
+                scaled.pts, scaled.time_base = frame.pts, frame.time_base
+                frame = scaled
+            self.sent += 1
+            return frame
+
+    def stop(self) -> None:
+        super().stop()
+        self.source.stop()
+
+
 def video_source(spec: str) -> tuple[MediaStreamTrack | None, MediaStreamTrack | None]:
     """(video, audio) for --video camera[:N] | file:PATH | synthetic[:BPM]."""
     kind, _, arg = spec.partition(":")
@@ -150,14 +207,24 @@ class MediaCall:
         video: MediaStreamTrack | None = None,
         audio: MediaStreamTrack | None = None,
         read_counters: bool = False,
+        tls: TlsFiles | None = None,
+        server_name: str = "",
+        adapt: bool = True,
     ) -> None:
         self.edge_address = edge_address
         self.session_id = session_id
         self._token = token
         self.role = role
+        self._tls = tls
+        self._server_name = server_name
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        # A patient's video follows the edge's send_mode (watched over WatchCall).
+        if video is not None and role == PUBLISHER and adapt:
+            video = AdaptiveVideoTrack(video)
         self.video = video
         self.audio = audio
+        # The call as the edge last described it (WatchCall), once started.
+        self.state: media_pb2.CallState | None = None
         self.received = Received()
         self.audio_frames = 0
         self.call_id = ""
@@ -210,7 +277,9 @@ class MediaCall:
 
     async def start(self, timeout: float = 10.0) -> media_pb2.NegotiateMediaResponse:
         offer = await self.offer()
-        self._channel = grpc.aio.insecure_channel(self.edge_address)
+        # The device's own TLS settings; an edge dialled by IP is checked against the name the
+        # assignment gives for it.
+        self._channel = secure_channel(self.edge_address, self._tls, server_name=self._server_name)
         stub = media_pb2_grpc.MediaServiceStub(self._channel)
         resp: media_pb2.NegotiateMediaResponse = await stub.Negotiate(
             media_pb2.NegotiateMediaRequest(
@@ -224,7 +293,34 @@ class MediaCall:
         self.call_id = resp.call_id
         self.answer_sdp = resp.answer_sdp
         await self.pc.setRemoteDescription(RTCSessionDescription(resp.answer_sdp, "answer"))
+        self._tasks.append(asyncio.ensure_future(self._watch(stub)))
         return resp
+
+    async def _watch(self, stub: media_pb2_grpc.MediaServiceAsyncStub) -> None:
+        """Follow the call's state; a patient's video adapts to what the edge asks it to send."""
+        stream = stub.WatchCall(
+            media_pb2.WatchCallRequest(session_id=self.session_id), metadata=bearer(self._token)
+        )
+        try:
+            async for ev in stream:
+                if not ev.HasField("state"):
+                    continue
+                self.state = ev.state
+                if isinstance(self.video, AdaptiveVideoTrack):
+                    mode = ev.state.send_mode or media_pb2.CALL_MODE_FULL
+                    if mode != self.video.mode:
+                        log.info(
+                            "video send mode",
+                            extra={
+                                "session": self.session_id,
+                                "mode": media_pb2.CallMode.Name(mode),
+                            },
+                        )
+                    self.video.set_mode(mode)
+        except grpc.aio.AioRpcError as e:
+            # The call ended, the token expired or the edge went away: the call's own
+            # connection state tells the owner; the video just stops adapting.
+            log.debug("watch ended", extra={"code": e.code().name})
 
     async def hangup(self) -> None:
         if self._channel is not None and self.call_id:
@@ -239,6 +335,8 @@ class MediaCall:
     async def close(self) -> None:
         """Close without telling the edge (a device that vanishes)."""
         await self.pc.close()
+        if self.video is not None:
+            self.video.stop()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -251,10 +349,6 @@ def _gray(frame: VideoFrame) -> Any:
     return np.asarray(frame.to_ndarray(format="gray"))
 
 
-PUBLISHER = sessions_pb2.ROLE_PUBLISHER
-VIEWER = sessions_pb2.ROLE_VIEWER
-
-
 async def publish_video(agent: Any, spec: str, stop: asyncio.Event) -> None:
     """Keep the device agent's camera (or file, or synthetic face) in a call with its edge.
 
@@ -265,7 +359,16 @@ async def publish_video(agent: Any, spec: str, stop: asyncio.Event) -> None:
     while not stop.is_set():
         a = agent.assignment
         video, audio = video_source(spec)
-        call = MediaCall(a.edge_address, agent.session_id, a.token, PUBLISHER, video, audio)
+        call = MediaCall(
+            a.edge_address,
+            agent.session_id,
+            agent.token or a.token,  # the freshest publisher token of the session
+            PUBLISHER,
+            video,
+            audio,
+            tls=agent.cfg.tls,
+            server_name=a.edge_tls_server_name,
+        )
         try:
             await call.start()
             log.info(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -49,6 +51,36 @@ def live_peer_connections() -> int:
         for o in gc.get_objects()
         if isinstance(o, RTCPeerConnection) and o.connectionState != "closed"
     )
+
+
+class LossyUplink:
+    """A lossy network between a peer and the edge, on the edge's side of the wire: a share of
+    the peer's RTP packets (audio and video) is dropped before the edge's SRTP sees them, as a
+    congested radio link would. STUN, DTLS and RTCP pass, so the connection itself stays up and
+    the edge learns of the loss only as a real receiver does, from sequence numbers."""
+
+    def __init__(self, pc: RTCPeerConnection, seed: int = 1) -> None:
+        self.loss = 0.0
+        self.dropped = 0
+        self._rng = random.Random(seed)
+        seen: set[int] = set()
+        for t in pc.getTransceivers():
+            conn = t.receiver.transport.transport.iceGatherer._connection
+            for proto in conn._protocols:
+                if id(proto) not in seen:
+                    seen.add(id(proto))
+                    proto.datagram_received = self._wrap(proto.datagram_received)  # type: ignore[method-assign,assignment]
+
+    def _wrap(self, deliver: Callable[[bytes, Any], None]) -> Callable[[bytes, Any], None]:
+        def datagram_received(data: bytes, addr: Any) -> None:
+            # RFC 7983: 128-191 first is RTP/RTCP; RFC 5761: payload type 192-223 is RTCP.
+            rtp = len(data) > 1 and 128 <= data[0] <= 191 and not 192 <= data[1] <= 223
+            if rtp and self.loss > 0 and self._rng.random() < self.loss:
+                self.dropped += 1
+                return
+            deliver(data, addr)
+
+        return datagram_received
 
 
 @pytest.fixture

@@ -71,12 +71,15 @@ async function onCallState(s) {
   else if (s.mode === "CALL_MODE_AUDIO_ONLY") say("Your connection is weak: sound only for now. Your readings still reach your clinician.");
   else if (s.mode === "CALL_MODE_REDUCED") say("Your connection is slow: the picture is smaller for now.");
   else say("You are talking to your clinician.");
-  await adaptSending(s.mode);
+  // What to send is the edge's send_mode (lower than the call's mode only matters to a viewer
+  // on a poor link); the edge forwards what arrives as it is.
+  await adaptSending(s.send_mode || s.mode);
 }
 
-// The edge decides the mode; the page sends less when asked, and more again on recovery.
+// The edge decides; the page sends less when asked, and more again on recovery.
 async function adaptSending(mode) {
   if (!videoSender || !cameraTrack) return;
+  state.sendMode = mode;
   const wantVideo = mode !== "CALL_MODE_AUDIO_ONLY" && cameraTrack.enabled;
   if (!wantVideo && videoSender.track) await videoSender.replaceTrack(null);
   if (wantVideo && !videoSender.track) await videoSender.replaceTrack(cameraTrack);

@@ -1,0 +1,147 @@
+"""Graceful degradation end to end, over a real lossy link (no forced modes).
+
+The patient's uplink drops a share of its RTP packets at the edge; the edge measures the loss
+as any receiver does (sequence numbers, audio and video), steps the call down to reduced video
+and then audio only, asks the patient's device to send less (which the device agent's video
+honours), and climbs back up only on evidence (clean audio, then clean video). And a busy edge
+lowers a low-priority call by having its patient send less, while the edge keeps passing the
+video through rather than re-encoding it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from clients.video import AdaptiveVideoTrack
+from core_services.server import CoreServer
+from edge_nodes.server import EdgeServer
+from telehealth.rpc import bearer
+from telehealth.v1 import media_pb2, media_pb2_grpc
+from tests.conftest import EdgeFactory, eventually
+from tests.integration.test_media_call import (
+    LossyUplink,
+    clinician_call,
+    live_peer_connections,
+    open_session,
+    patient_call,
+)
+
+FULL, REDUCED, AUDIO_ONLY = (
+    media_pb2.CALL_MODE_FULL,
+    media_pb2.CALL_MODE_REDUCED,
+    media_pb2.CALL_MODE_AUDIO_ONLY,
+)
+
+
+async def follow_states(
+    stub: media_pb2_grpc.MediaServiceAsyncStub, sid: str, token: str
+) -> AsyncIterator[media_pb2.CallState]:
+    async for ev in stub.WatchCall(
+        media_pb2.WatchCallRequest(session_id=sid), metadata=bearer(token)
+    ):
+        if ev.HasField("state"):
+            yield ev.state
+
+
+async def test_a_lossy_uplink_steps_down_to_audio_only_and_back_up_on_evidence(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: Callable[[str], grpc.aio.Channel]
+) -> None:
+    edge = await edge_factory(media_udp_port_min=41600, media_udp_port_max=41631)
+    s = await open_session(core, channel_to, "p-lossy")
+    patient, clinician = patient_call(edge, s), clinician_call(edge, s)
+    states: list[media_pb2.CallState] = []
+    stub = media_pb2_grpc.MediaServiceStub(channel_to(edge.address))
+
+    async def record() -> None:
+        async for st in follow_states(stub, s.session_id, s.viewer_token):
+            states.append(st)
+
+    watch: asyncio.Task[None] | None = None
+    try:
+        await patient.start()
+        await clinician.start()
+        await eventually(lambda: clinician.received.frames > 10, 20, "clinician sees patient")
+        call = edge.media.calls.calls[s.session_id]
+        assert call.patient is not None
+        (viewer,) = call.clinicians.values()
+        fwd = viewer.outgoing["video"]
+        link = LossyUplink(call.patient.pc)
+        watch = asyncio.create_task(record())
+        await eventually(lambda: states and states[-1].mode == FULL, 10, "full video")
+        sent = patient.video
+        assert isinstance(sent, AdaptiveVideoTrack)
+
+        # 10 % of the patient's packets lost: reduced video. The patient is asked to send half
+        # size, does, and the edge forwards that as it comes (still no re-encoding).
+        link.loss = 0.10
+        await eventually(lambda: states[-1].mode == REDUCED, 30, "reduced on a lossy link")
+        assert states[-1].send_mode == REDUCED and "lost" in states[-1].reason
+        await eventually(lambda: sent.mode == REDUCED, 10, "patient sends reduced")
+        await eventually(lambda: clinician.received.width == 160, 20, "clinician gets half size")
+        through = fwd.passed_through
+        await eventually(lambda: fwd.passed_through > through + 5, 20, "still passed through")
+
+        # 35 %: audio only; the patient stops sending video, the clinician's video stops.
+        link.loss = 0.35
+        await eventually(lambda: states[-1].mode == AUDIO_ONLY, 30, "audio only")
+        await eventually(lambda: sent.mode == AUDIO_ONLY, 10, "patient stops sending video")
+        frames, audio = clinician.received.frames, clinician.audio_frames
+        await eventually(lambda: clinician.audio_frames > audio + 50, 20, "audio goes on")
+        assert clinician.received.frames <= frames + 3  # at most what was in flight
+
+        # The link heals. With no video flowing, only the clean audio is evidence; the call
+        # climbs one step at a time, and the patient's video comes back at full size.
+        link.loss = 0.0
+        climbed = len(states)
+        await eventually(lambda: states[-1].mode == FULL, 40, "full video again")
+        path = [st.mode for st in states[climbed:]]
+        assert REDUCED in path and path.index(REDUCED) < path.index(FULL), path
+        await eventually(lambda: clinician.received.width == 320, 20, "full size again")
+        assert link.dropped > 50
+    finally:
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+        await patient.hangup()
+        await clinician.hangup()
+    await eventually(lambda: edge.media.calls.peer_count == 0, 10, "peers closed")
+    assert live_peer_connections() == 0
+
+
+async def test_a_busy_edge_has_the_low_risk_patient_send_less_and_keeps_passing_through(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: Callable[[str], grpc.aio.Channel]
+) -> None:
+    # Room for one 320x240@15 call at full quality and a little more: not for two.
+    edge: EdgeServer = await edge_factory(
+        media_udp_port_min=41640, media_udp_port_max=41671, media_pixel_budget=320 * 240 * 20
+    )
+    first = await open_session(core, channel_to, "p-first")
+    second = await open_session(core, channel_to, "p-second")
+    calls = [patient_call(edge, first), clinician_call(edge, first)]
+    calls += [patient_call(edge, second), clinician_call(edge, second)]
+    try:
+        for c in calls:
+            await c.start()
+        older, newer = (edge.media.calls.calls[x.session_id] for x in (first, second))
+        # The older call keeps full quality; the newer one's patient is asked to send less.
+        await eventually(lambda: newer.send_mode.name == "REDUCED", 20, "newer call reduced")
+        assert older.send_mode.name == "FULL"
+        watcher = calls[3]
+        sent = calls[2].video
+        assert isinstance(sent, AdaptiveVideoTrack)
+        await eventually(lambda: sent.mode == REDUCED, 10, "second patient sends reduced")
+        await eventually(lambda: watcher.received.width == 160, 20, "its clinician: half size")
+        (viewer,) = newer.clinicians.values()
+        fwd = viewer.outgoing["video"]
+        # Passed through as it came: the edge did not decode and re-encode to save effort.
+        through = fwd.passed_through
+        await eventually(lambda: fwd.passed_through > through + 10, 20, "passed through")
+        assert calls[1].received.width == 320
+    finally:
+        for c in calls:
+            await c.hangup()
+    await eventually(lambda: edge.media.calls.peer_count == 0, 10, "peers closed")
+    assert live_peer_connections() == 0
