@@ -110,6 +110,7 @@ class CoreServer:
 
     async def start(self) -> None:
         await self.store.start()
+        await self.security.start()
         await self.edges.load()
         await self.directory.load()
         await self.bus.start(self.directory.handle_event)

@@ -42,6 +42,22 @@ class Settings(BaseModel):
     grpc_idle_timeout_s: float = Field(
         300.0, gt=0, description="close a connection with no RPC for this long"
     )
+    http_tls_cert_file: str = Field(
+        "",
+        description="PEM certificate chain for HTTPS on http_listen (server auth only; reloaded "
+        "when renewed); empty with http_tls_key_file = plain HTTP",
+    )
+    http_tls_key_file: str = Field("", description="PEM private key of http_tls_cert_file")
+
+    def http_tls(self) -> tuple[Path, Path] | None:
+        """(certificate, key) for HTTPS, or None for plain HTTP."""
+        if bool(self.http_tls_cert_file) != bool(self.http_tls_key_file):
+            raise ConfigError(
+                "settings 'http_tls_cert_file' and 'http_tls_key_file' go together (or neither)"
+            )
+        if not self.http_tls_cert_file:
+            return None
+        return Path(self.http_tls_cert_file), Path(self.http_tls_key_file)
 
     def tls(self) -> TlsFiles | None:
         """The mTLS files, or None for plaintext (tests and dev)."""
@@ -53,6 +69,7 @@ class Settings(BaseModel):
     @model_validator(mode="after")
     def _tls_complete(self) -> Settings:
         self.tls()
+        self.http_tls()
         return self
 
     @field_validator("log_level")
@@ -103,6 +120,27 @@ class CoreSettings(Settings):
     login_max_attempts_per_address: int = Field(
         30, ge=1, description="HTTP login attempts from one client address per minute"
     )
+    open_rate_per_address_per_s: float = Field(
+        100.0, gt=0, description="Sessions.Open calls per second from one client address"
+    )
+    open_burst_per_address: int = Field(
+        1000, ge=1, description="Sessions.Open calls one address may make at once"
+    )
+    password_scrypt_n: int = Field(
+        2**14,
+        ge=2**10,
+        description="scrypt cost N of new password hashes (power of two); with "
+        "password_scrypt_p the OWASP pairs are 2^14/5, 2^15/3, 2^16/2, 2^17/1; weaker values "
+        "(tests) are logged at start; older hashes are upgraded at login",
+    )
+    password_scrypt_p: int = Field(
+        5, ge=1, le=16, description="scrypt parallelisation p of new password hashes"
+    )
+    bootstrap_users_file: Path | None = Field(
+        None,
+        description="YAML list of {user_id, role, password | password_file, patients}: created "
+        "at start when missing (Kubernetes: mounted from a Secret); passwords never logged",
+    )
     zone_latency_ms: dict[str, dict[str, float]] = Field(
         default_factory=dict,
         description="zone -> {other zone -> latency ms}; fallback order when a zone is full",
@@ -128,6 +166,13 @@ class CoreSettings(Settings):
     )
     kubernetes_namespace: str = Field("", description="namespace of the edge Service")
     kubernetes_edge_service: str = Field("telehealth-edge", description="edge Service name")
+
+    @field_validator("password_scrypt_n")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError("must be a power of two (e.g. 16384)")
+        return v
 
     @field_validator("discovery")
     @classmethod

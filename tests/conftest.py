@@ -47,6 +47,9 @@ def core_settings(tmp_path: Path, **kw: Any) -> CoreSettings:
         "data_dir": tmp_path / "core",
         "log_format": "text",
         "zone_latency_ms": {"zone-a": {"zone-b": 5, "zone-c": 12}, "zone-b": {"zone-c": 6}},
+        # The floor, not OWASP's cost: tests add many users; production keeps the default.
+        "password_scrypt_n": 1024,
+        "password_scrypt_p": 1,
     }
     values.update(kw)
     return CoreSettings.model_validate(values)

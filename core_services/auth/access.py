@@ -11,8 +11,9 @@ from typing import Any, Protocol
 
 import grpc
 
+from core_services.auth.throttle import RateLimit, address_key
 from core_services.auth.users import AssignmentSource
-from telehealth.errors import NotFound, PermissionDenied, Unauthenticated
+from telehealth.errors import NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
 from telehealth.rpc import Context, Handler, token_from
 from telehealth.security.audit import AuditEvent
 from telehealth.security.identity import PeerIdentity, peer_identity
@@ -74,6 +75,7 @@ class AccessPolicy:
         *,
         tls: bool,
         refresh_grace_s: int,
+        open_limit: RateLimit | None = None,
     ) -> None:
         self.verifier = verifier
         self.issuer = issuer
@@ -83,6 +85,7 @@ class AccessPolicy:
         self.edges = edges
         self.tls = tls
         self.refresh_grace_s = refresh_grace_s
+        self.open_limit = open_limit
         # (user, action, patient, session) -> when that view was last recorded.
         self._recent_views: dict[tuple[str, str, str, str], int] = {}
         self._patients: dict[str, str] = {}
@@ -158,15 +161,21 @@ class AccessPolicy:
         )
 
     def opener(self, context: Context) -> None:
-        """Sessions.Open: with mTLS only a device or operator certificate may open one."""
-        if not self.tls:
-            return
-        who = self.identity(context)
-        if who.kind not in OPENERS:
-            raise PermissionDenied(
-                f"client certificate {who.describe()} may not open sessions (needs a device "
-                "or operator certificate: spiffe://telehealth/device or .../operator)"
-            )
+        """Sessions.Open: with mTLS only a device or operator certificate may open one; from
+        any one address at most open_rate_per_address_per_s (after a burst)."""
+        if self.tls:
+            who = self.identity(context)
+            if who.kind not in OPENERS:
+                raise PermissionDenied(
+                    f"client certificate {who.describe()} may not open sessions (needs a "
+                    "device or operator certificate: spiffe://telehealth/device or .../operator)"
+                )
+        if self.open_limit is not None:
+            wait = self.open_limit.take(address_key(context.peer() or ""))
+            if wait > 0:
+                raise ResourceExhausted(
+                    f"too many sessions opened from this address; try again in {wait:.1f} s"
+                )
 
     async def patient_cached(self, session_id: str) -> str:
         """The session's patient (never changes), remembered for the archive's hot path."""

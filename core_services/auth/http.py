@@ -14,14 +14,13 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
-from core_services.auth.throttle import AttemptLimit
+from core_services.auth.throttle import LoginThrottle, address_key
 from core_services.auth.users import MAX_ID_LEN, Authenticator
 from telehealth.errors import Unauthenticated
 from telehealth.security.tokens import TokenIssuer, TokenVerifier, UserClaims
@@ -63,14 +62,6 @@ def peer(request: web.Request) -> str:
     return request[PEER_KEY]  # set by the middleware for every request
 
 
-@dataclass(frozen=True)
-class LoginLimits:
-    max_failures_per_user: int = 5
-    failure_window_s: float = 300.0
-    max_attempts_per_address: int = 30
-    address_window_s: float = 60.0
-
-
 class HttpAuth:
     def __init__(
         self,
@@ -80,17 +71,15 @@ class HttpAuth:
         *,
         ttl_s: int,
         trust_forwarded: bool,
-        limits: LoginLimits,
+        throttle: LoginThrottle,
     ) -> None:
         self._auth = authenticator
         self._issuer = issuer
         self._verifier = verifier
         self._ttl_s = ttl_s
         self._trust_forwarded = trust_forwarded
-        self._user_failures = AttemptLimit(limits.max_failures_per_user, limits.failure_window_s)
-        self._address_attempts = AttemptLimit(
-            limits.max_attempts_per_address, limits.address_window_s
-        )
+        # Shared with gRPC Login: one budget of guesses whichever door they come through.
+        self._throttle = throttle
 
     def add_routes(self, app: web.Application) -> None:
         app.middlewares.append(self.middleware)
@@ -213,11 +202,9 @@ class HttpAuth:
             user, password = await self._login_body(request)
         except ValueError as e:
             return refusal(400, "invalid_argument", str(e))
-        address = self.client_address(request)
+        address = address_key(self.client_address(request))
         user_key = user[:MAX_ID_LEN]
-        wait = max(
-            self._address_attempts.retry_after(address), self._user_failures.retry_after(user_key)
-        )
+        wait = self._throttle.wait_s(address, user_key)
         if wait > 0:
             log.warning("login rate limited", extra={"peer": address})
             return refusal(
@@ -226,14 +213,14 @@ class HttpAuth:
                 f"too many sign-in attempts; try again in {math.ceil(wait)} s",
                 **{"Retry-After": str(math.ceil(wait))},
             )
-        self._address_attempts.note(address)
+        self._throttle.attempt(address)
         try:
             who = await self._auth.authenticate(user, password)
         except Unauthenticated as e:
-            self._user_failures.note(user_key)
+            self._throttle.failed(user_key)
             log.info("login refused", extra={"peer": address})
             return refusal(401, "unauthenticated", e.message)
-        self._user_failures.clear(user_key)
+        self._throttle.succeeded(user_key)
         token, exp = self._issuer.issue_user(user_id=who.user_id, role=who.role, ttl_s=self._ttl_s)
         log.info("login", extra={"user": who.user_id, "role": who.role, "via": "http"})
         resp = web.json_response(
