@@ -34,7 +34,12 @@ class EdgeServer:
         self.verifier = TokenVerifier()
         self.sessions = EdgeSessions(
             settings.edge_id,
-            Limits(max_vitals=settings.max_batch_vitals, max_samples=settings.max_batch_samples),
+            Limits(
+                max_vitals=settings.max_batch_vitals,
+                max_samples=settings.max_batch_samples,
+                max_clock_skew_ns=int(settings.max_clock_skew_s * 1e9),
+                news2_max_input_age_ns=int(settings.news2_max_input_age_s * 1e9),
+            ),
             settings.ecg_window_s,
             settings.assignment_wait_s,
         )

@@ -271,6 +271,22 @@ class EdgeSettings(Settings):
         le=60,
         description="patient frames per second copied to vision (rPPG needs >= 8)",
     )
+    max_clock_skew_s: float = Field(
+        300.0,
+        gt=0,
+        description="a batch stamped further than this ahead of the edge clock is refused "
+        "(INVALID_ARGUMENT): one future-dated reading would otherwise pin a NEWS2 parameter",
+    )
+    # RCP NEWS2 (2017) asks for observations at least hourly once the aggregate reaches 5
+    # (or any single parameter 3) - the most frequent fixed schedule before continuous
+    # monitoring. A value older than that is overdue at any level of concern, so by
+    # default it no longer counts; hourly spot readings (a home BP cuff) still do.
+    news2_max_input_age_s: float = Field(
+        3600.0,
+        gt=0,
+        description="a NEWS2 input measured longer ago than this is shown as stale and left "
+        "out of the total (the score is then incomplete)",
+    )
 
     def advertised(self) -> str:
         return self.advertise_address or self.grpc_listen

@@ -115,16 +115,20 @@ class ParameterScore:
     score: int
     value: float
     measured_unix_ns: int
+    # Measured too long ago to count: shown with its points, left out of the total.
+    stale: bool = False
 
 
 @dataclass(frozen=True)
 class News2Score:
-    """Aggregate NEWS2 over the known parameters; complete when all seven are known."""
+    """Aggregate NEWS2 over the known, fresh parameters; complete when all seven are."""
 
     total: int
     band: RiskBand
     parameters: tuple[ParameterScore, ...]
     complete: bool
+    # Device time of the oldest reading in the total (0 when none): the score's true age.
+    oldest_input_unix_ns: int = 0
 
 
 def _decimal(value: float) -> Decimal:
@@ -273,16 +277,28 @@ def risk_band(total: int, max_single: int) -> RiskBand:
     return RiskBand.LOW
 
 
-def compute_news2(latest: LatestVitals, scale: SpO2Scale) -> News2Score:
-    """Score every known parameter in chart order; the total covers only those known."""
+def compute_news2(
+    latest: LatestVitals, scale: SpO2Scale, now_unix_ns: int = 0, max_age_ns: int = 0
+) -> News2Score:
+    """Score every known parameter in chart order; the total covers only those known and,
+    when max_age_ns > 0, measured within max_age_ns of now_unix_ns. An older one is listed
+    as stale (with the points it would score) but left out, and the score is incomplete:
+    a quiet sensor's last value must not keep counting as if it were current."""
+    cutoff = now_unix_ns - max_age_ns if max_age_ns > 0 else None
+
+    def fresh(obs: Observation | None) -> bool:
+        return obs is not None and (cutoff is None or obs.measured_unix_ns >= cutoff)
+
     oxygen = OxygenSupport.UNSPECIFIED
-    if latest.oxygen_support is not None:
+    if latest.oxygen_support is not None and fresh(latest.oxygen_support):
         oxygen = OxygenSupport(int(latest.oxygen_support.value))
     scored: list[ParameterScore] = []
 
     def add(name: str, obs: Observation | None, score: int | None) -> None:
         if obs is not None and score is not None:
-            scored.append(ParameterScore(name, score, obs.value, obs.measured_unix_ns))
+            scored.append(
+                ParameterScore(name, score, obs.value, obs.measured_unix_ns, not fresh(obs))
+            )
 
     rr, spo2, ox = latest.respiration_rate_bpm, latest.spo2_percent, latest.oxygen_support
     sbp, hr, acvpu, temp = (
@@ -293,7 +309,11 @@ def compute_news2(latest: LatestVitals, scale: SpO2Scale) -> News2Score:
     )
     add("respiration_rate", rr, None if rr is None else score_respiration_rate(rr.value))
     add("spo2", spo2, None if spo2 is None else score_spo2(spo2.value, scale, oxygen))
-    add("air_or_oxygen", ox, None if ox is None else score_air_or_oxygen(oxygen))
+    add(
+        "air_or_oxygen",
+        ox,
+        None if ox is None else score_air_or_oxygen(OxygenSupport(int(ox.value))),
+    )
     add("systolic_bp", sbp, None if sbp is None else score_systolic_bp(sbp.value))
     add("pulse", hr, None if hr is None else score_pulse(hr.value))
     add(
@@ -303,11 +323,13 @@ def compute_news2(latest: LatestVitals, scale: SpO2Scale) -> News2Score:
     )
     add("temperature", temp, None if temp is None else score_temperature(temp.value))
 
-    total = sum(p.score for p in scored)
-    max_single = max((p.score for p in scored), default=0)
+    counted = [p for p in scored if not p.stale]
+    total = sum(p.score for p in counted)
+    max_single = max((p.score for p in counted), default=0)
     return News2Score(
         total=total,
         band=risk_band(total, max_single),
         parameters=tuple(scored),
-        complete=len(scored) == 7,
+        complete=len(counted) == 7,
+        oldest_input_unix_ns=min((p.measured_unix_ns for p in counted), default=0),
     )

@@ -19,6 +19,10 @@ _RANGES: tuple[tuple[str, float, float, str], ...] = (
 )
 
 
+_CONSCIOUSNESS = frozenset(int(c) for c in Consciousness)
+_OXYGEN = frozenset(int(o) for o in OxygenSupport)
+
+
 class ImpossibleVitalsError(ValueError):
     """A reading no patient can have; `code` is stable for mapping to a gRPC status."""
 
@@ -41,6 +45,32 @@ def impossible_reason(
     A None value means the sensor did not report it and is skipped; enum value 0
     means not reported.
     """
+    found = impossible(
+        heart_rate_bpm=heart_rate_bpm,
+        spo2_percent=spo2_percent,
+        respiration_rate_bpm=respiration_rate_bpm,
+        systolic_mmhg=systolic_mmhg,
+        diastolic_mmhg=diastolic_mmhg,
+        temperature_c=temperature_c,
+        consciousness=consciousness,
+        oxygen_support=oxygen_support,
+    )
+    return None if found is None else found[1]
+
+
+def impossible(
+    *,
+    heart_rate_bpm: float | None = None,
+    spo2_percent: float | None = None,
+    respiration_rate_bpm: float | None = None,
+    systolic_mmhg: float | None = None,
+    diastolic_mmhg: float | None = None,
+    temperature_c: float | None = None,
+    consciousness: int = 0,
+    oxygen_support: int = 0,
+) -> tuple[tuple[str, ...], str] | None:
+    """As impossible_reason, with the names of the fields at fault apart from the message
+    (logs may name fields, never a patient's values)."""
     values = {
         "heart_rate_bpm": heart_rate_bpm,
         "spo2_percent": spo2_percent,
@@ -54,22 +84,26 @@ def impossible_reason(
         if value is None:
             continue
         if not math.isfinite(value):
-            return f"{name} is {value!r}; a finite number in {low:g}-{high:g} {unit} is required"
+            return (name,), (
+                f"{name} is {value!r}; a finite number in {low:g}-{high:g} {unit} is required"
+            )
         if not low <= value <= high:
-            return f"{name}={value:g} {unit} is outside the allowed range {low:g}-{high:g} {unit}"
+            return (name,), (
+                f"{name}={value:g} {unit} is outside the allowed range {low:g}-{high:g} {unit}"
+            )
     if systolic_mmhg is not None and diastolic_mmhg is not None and diastolic_mmhg >= systolic_mmhg:
         # Equal pressures are rejected too: a zero pulse pressure is a failed measurement.
-        return (
+        return ("diastolic_mmhg", "systolic_mmhg"), (
             f"diastolic_mmhg={diastolic_mmhg:g} mmHg is not below systolic_mmhg="
             f"{systolic_mmhg:g} mmHg; diastolic must be lower than systolic"
         )
-    if consciousness not in {int(c) for c in Consciousness}:
-        return (
+    if consciousness not in _CONSCIOUSNESS:
+        return ("consciousness",), (
             f"consciousness={consciousness} is not a known value; allowed 0 (not reported), "
             "1 alert, 2 new confusion, 3 voice, 4 pain, 5 unresponsive"
         )
-    if oxygen_support not in {int(o) for o in OxygenSupport}:
-        return (
+    if oxygen_support not in _OXYGEN:
+        return ("oxygen_support",), (
             f"oxygen_support={oxygen_support} is not a known value; allowed 0 (not reported), "
             "1 air, 2 supplemental"
         )

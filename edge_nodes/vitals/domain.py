@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from edge_nodes.scoring.validation import impossible_reason
+from edge_nodes.scoring.validation import impossible
 from telehealth.errors import InvalidArgument, PermissionDenied, ResourceExhausted
 from telehealth.security.tokens import SessionClaims
 from telehealth.v1 import vitals_pb2
@@ -21,11 +21,32 @@ PPG_RATE_HZ = (1.0, 2000.0)
 WAVEFORM_ABS_LIMIT = 50.0  # mV for ECG; PPG units are normalised to the same bound
 
 
+class InvalidBatch(InvalidArgument):
+    """A refused batch. The message, for the device, may quote the values at fault; reason
+    (a stable code) and fields (proto field names) are what a log may carry."""
+
+    def __init__(self, message: str, reason: str, fields: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.fields = fields
+
+
+class OversizeBatch(ResourceExhausted):
+    """A batch over the size limits; reason and fields as for InvalidBatch."""
+
+    def __init__(self, message: str, reason: str, fields: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.fields = fields
+
+
 def check_ahead(watermark: Watermark, seq: int) -> None:
     if seq > watermark.value + MAX_SEQ_AHEAD:
-        raise InvalidArgument(
+        raise InvalidBatch(
             f"seq {seq} is more than {MAX_SEQ_AHEAD} ahead of the received watermark "
-            f"{watermark.value}; resend from {watermark.value + 1}"
+            f"{watermark.value}; resend from {watermark.value + 1}",
+            "seq_far_ahead",
+            ("seq",),
         )
 
 
@@ -51,31 +72,61 @@ def check_refresh(current: SessionClaims, fresh: SessionClaims) -> None:
 class Limits:
     max_vitals: int
     max_samples: int
+    # How far ahead of the edge clock a device time may be (the device's clock runs fast).
+    max_clock_skew_ns: int = 300 * 1_000_000_000
+    # NEWS2 leaves out inputs measured longer ago than this (see news2_max_input_age_s).
+    news2_max_input_age_ns: int = 3600 * 1_000_000_000
 
 
-def validate_batch(batch: vitals_pb2.VitalsBatch, limits: Limits) -> list[npt.NDArray[np.float32]]:
-    """Raise InvalidArgument / ResourceExhausted with a message naming the problem; return
-    each waveform's samples as an array (converted once, used again by the scoring)."""
+def _check_time(t_ns: int, now_ns: int, limits: Limits, where: str, field: str) -> None:
+    if t_ns <= 0:
+        raise InvalidBatch(f"{where}: {field} must be set", "time_missing", (field,))
+    ahead = t_ns - now_ns
+    if ahead > limits.max_clock_skew_ns:
+        raise InvalidBatch(
+            f"{where}: {field} is {ahead / 1e9:.0f} s ahead of the edge clock (at most "
+            f"{limits.max_clock_skew_ns / 1e9:g} s allowed); check the device's clock",
+            "time_in_future",
+            (field,),
+        )
+
+
+def validate_batch(
+    batch: vitals_pb2.VitalsBatch, limits: Limits, now_ns: int
+) -> list[npt.NDArray[np.float32]]:
+    """Raise InvalidBatch / OversizeBatch with a message naming the problem; return each
+    waveform's samples as an array (converted once, used again by the scoring). now_ns is
+    the edge clock: device times too far ahead of it are refused."""
     arrays: list[npt.NDArray[np.float32]] = []
-    if batch.seq == 0:
-        raise InvalidArgument("seq must start at 1 and increase by one per batch")
+    seq = batch.seq
+    if seq == 0:
+        raise InvalidBatch(
+            "seq must start at 1 and increase by one per batch", "seq_zero", ("seq",)
+        )
     if not batch.vitals and not batch.waveforms:
-        raise InvalidArgument(f"batch {batch.seq} is empty: send vitals, waveforms or both")
+        raise InvalidBatch(
+            f"batch {seq} is empty: send vitals, waveforms or both",
+            "empty",
+            ("vitals", "waveforms"),
+        )
     if len(batch.vitals) > limits.max_vitals:
-        raise ResourceExhausted(
-            f"batch {batch.seq} has {len(batch.vitals)} readings; at most {limits.max_vitals}"
+        raise OversizeBatch(
+            f"batch {seq} has {len(batch.vitals)} readings; at most {limits.max_vitals}",
+            "too_many_readings",
+            ("vitals",),
         )
     total = sum(len(w.samples) for w in batch.waveforms)
     if total > limits.max_samples:
-        raise ResourceExhausted(
-            f"batch {batch.seq} has {total} waveform samples; at most {limits.max_samples}"
+        raise OversizeBatch(
+            f"batch {seq} has {total} waveform samples; at most {limits.max_samples}",
+            "too_many_samples",
+            ("samples",),
         )
-    if batch.device_time_unix_ns <= 0:
-        raise InvalidArgument(f"batch {batch.seq}: device_time_unix_ns must be set")
+    _check_time(batch.device_time_unix_ns, now_ns, limits, f"batch {seq}", "device_time_unix_ns")
     for i, v in enumerate(batch.vitals):
-        if v.device_time_unix_ns <= 0:
-            raise InvalidArgument(f"batch {batch.seq} reading {i}: device_time_unix_ns must be set")
-        reason = impossible_reason(
+        where = f"batch {seq} reading {i}"
+        _check_time(v.device_time_unix_ns, now_ns, limits, where, "device_time_unix_ns")
+        found = impossible(
             heart_rate_bpm=v.heart_rate_bpm if v.HasField("heart_rate_bpm") else None,
             spo2_percent=v.spo2_percent if v.HasField("spo2_percent") else None,
             respiration_rate_bpm=v.respiration_rate_bpm
@@ -87,29 +138,41 @@ def validate_batch(batch: vitals_pb2.VitalsBatch, limits: Limits) -> list[npt.ND
             consciousness=int(v.consciousness),
             oxygen_support=int(v.oxygen_support),
         )
-        if reason is not None:
-            raise InvalidArgument(f"batch {batch.seq} reading {i}: {reason}")
+        if found is not None:
+            fields, reason = found
+            raise InvalidBatch(f"{where}: {reason}", "impossible_value", fields)
     for i, w in enumerate(batch.waveforms):
-        where = f"batch {batch.seq} waveform {i}"
+        where = f"batch {seq} waveform {i}"
         if w.kind == vitals_pb2.WAVEFORM_KIND_ECG_LEAD_II:
             lo, hi = ECG_RATE_HZ
         elif w.kind == vitals_pb2.WAVEFORM_KIND_PPG:
             lo, hi = PPG_RATE_HZ
         else:
-            raise InvalidArgument(f"{where}: kind must be ECG_LEAD_II or PPG")
-        if not (lo <= w.sample_rate_hz <= hi) or math.isnan(w.sample_rate_hz):
-            raise InvalidArgument(
-                f"{where}: sample_rate_hz {w.sample_rate_hz} outside {lo:g}-{hi:g} Hz"
+            raise InvalidBatch(
+                f"{where}: kind must be ECG_LEAD_II or PPG", "waveform_kind", ("kind",)
             )
-        if w.start_time_unix_ns <= 0:
-            raise InvalidArgument(f"{where}: start_time_unix_ns must be set")
+        if not (lo <= w.sample_rate_hz <= hi) or math.isnan(w.sample_rate_hz):
+            raise InvalidBatch(
+                f"{where}: sample_rate_hz {w.sample_rate_hz} outside {lo:g}-{hi:g} Hz",
+                "waveform_rate",
+                ("sample_rate_hz",),
+            )
+        _check_time(w.start_time_unix_ns, now_ns, limits, where, "start_time_unix_ns")
         if not w.samples:
-            raise InvalidArgument(f"{where}: no samples")
+            raise InvalidBatch(f"{where}: no samples", "waveform_empty", ("samples",))
         # fromiter is ~4x faster than asarray on a protobuf repeated field.
         arr = np.fromiter(w.samples, np.float32, len(w.samples))
         if not np.isfinite(arr).all():
-            raise InvalidArgument(f"{where}: samples must be finite numbers (got NaN or inf)")
+            raise InvalidBatch(
+                f"{where}: samples must be finite numbers (got NaN or inf)",
+                "waveform_not_finite",
+                ("samples",),
+            )
         if float(np.abs(arr).max()) > WAVEFORM_ABS_LIMIT:
-            raise InvalidArgument(f"{where}: samples beyond ±{WAVEFORM_ABS_LIMIT:g} mV")
+            raise InvalidBatch(
+                f"{where}: samples beyond ±{WAVEFORM_ABS_LIMIT:g} mV",
+                "waveform_amplitude",
+                ("samples",),
+            )
         arrays.append(arr)
     return arrays

@@ -11,9 +11,9 @@ import numpy.typing as npt
 
 from edge_nodes.scoring.ecg import RPeakDetector
 from edge_nodes.scoring.news2 import LatestVitals, News2Score, RiskBand, SpO2Scale, compute_news2
-from edge_nodes.vitals.domain import Limits, check_ahead, validate_batch
+from edge_nodes.vitals.domain import InvalidBatch, Limits, check_ahead, validate_batch
 from edge_nodes.vitals.fanout import Fanout, Subscriber
-from telehealth.errors import DomainError, InvalidArgument
+from telehealth.errors import DomainError
 from telehealth.v1 import vitals_pb2
 from telehealth.watermark import Watermark
 
@@ -76,14 +76,14 @@ class SessionChannel:
 
     def ingest(self, batch: vitals_pb2.VitalsBatch, now_ns: int) -> IngestResult:
         """admit() then process(): for callers that need no journal in between."""
-        result = self.admit(batch)
+        result = self.admit(batch, now_ns)
         if result.accepted or result.tombstone:
             self.journaled(batch.seq)
         if result.accepted:
             self.process(batch, now_ns, result.waveforms)
         return result
 
-    def admit(self, batch: vitals_pb2.VitalsBatch) -> IngestResult:
+    def admit(self, batch: vitals_pb2.VitalsBatch, now_ns: int) -> IngestResult:
         """Validate and dedup one batch. An accepted batch is marked received at once, so a
         racing copy on another stream is a duplicate; the caller journals it, then process().
         A refused batch whose seq is consumed comes back with tombstone=True: the caller
@@ -91,7 +91,9 @@ class SessionChannel:
         if batch.seq == 0:
             return IngestResult(
                 accepted=False,
-                rejection=InvalidArgument("seq must start at 1 and increase by one per batch"),
+                rejection=InvalidBatch(
+                    "seq must start at 1 and increase by one per batch", "seq_zero", ("seq",)
+                ),
             )
         if self.watermark.seen(batch.seq):
             return IngestResult(accepted=False, duplicate=True)
@@ -102,7 +104,7 @@ class SessionChannel:
             # must be taken when it comes again in its turn.
             return IngestResult(accepted=False, rejection=e)
         try:
-            arrays = validate_batch(batch, self.limits)
+            arrays = validate_batch(batch, self.limits, now_ns)
         except DomainError as e:
             # The seq is consumed so the device moves on; nothing of the batch is kept.
             self.watermark.add(batch.seq)
@@ -127,8 +129,8 @@ class SessionChannel:
         batch: vitals_pb2.VitalsBatch,
         now_ns: int,
         waveforms: tuple[npt.NDArray[np.float32], ...] = (),
-    ) -> None:
-        """Score and fan out an admitted (and journaled) batch."""
+    ) -> int:
+        """Score and fan out an admitted (and journaled) batch; return the alerts raised."""
         events = [Event(session_id=self.session_id, edge_received_unix_ns=now_ns, batch=batch)]
         if batch.vitals:
             for v in batch.vitals:
@@ -156,12 +158,18 @@ class SessionChannel:
                 self._feed_ecg(w, samples)
         if self._ecg is not None and now_ns - self._derived_at_ns >= DERIVED_HR_PERIOD_NS:
             events.extend(self._derive_heart_rate(batch.seq, now_ns))
+        alerts = 0
         for ev in events:
+            if ev.HasField("alert"):
+                alerts += 1
             self.fanout.publish(ev)
+        return alerts
 
     def _score(self, seq: int, now_ns: int) -> list[Event]:
         prev = self.news2
-        score = compute_news2(self.latest, self.spo2_scale)
+        score = compute_news2(
+            self.latest, self.spo2_scale, now_ns, self.limits.news2_max_input_age_ns
+        )
         self.news2, self.news2_unix_ns, self.news2_seq = score, now_ns, seq
         news2 = vitals_pb2.News2Update(
             seq=seq,
@@ -173,12 +181,14 @@ class SessionChannel:
                     score=p.score,
                     value=p.value,
                     measured_unix_ns=p.measured_unix_ns,
+                    stale=p.stale,
                 )
                 for p in score.parameters
             ],
             spo2_scale=int(self.spo2_scale),  # type: ignore[arg-type]
             complete=score.complete,
             computed_unix_ns=now_ns,
+            oldest_input_unix_ns=score.oldest_input_unix_ns,
         )
         out = [
             self._remember(
@@ -199,9 +209,13 @@ class SessionChannel:
                     f"{score.band.name.lower()}",
                 )
             )
-        prev_red = {p.parameter for p in prev.parameters if p.score == 3} if prev else set()
+        prev_red = (
+            {p.parameter for p in prev.parameters if p.score == 3 and not p.stale}
+            if prev
+            else set()
+        )
         for p in score.parameters:
-            if p.score == 3 and p.parameter not in prev_red:
+            if p.score == 3 and not p.stale and p.parameter not in prev_red:
                 out.append(
                     self._alert(
                         seq,

@@ -204,12 +204,12 @@ class VitalsServicer(vitals_pb2_grpc.VitalsServiceServicer):
                     f"seq went backwards on this stream ({batch.seq} after {st.last_seq}); "
                     f"resume from {channel.watermark.value + 1} on a new stream"
                 )
-            result = channel.admit(batch)
+            now = time.time_ns()
+            result = channel.admit(batch, now)
             if result.accepted or result.tombstone:
                 # A seq refused without being consumed (far ahead) does not count: the
                 # device resends from the watermark on this same stream.
                 st.last_seq = max(st.last_seq, batch.seq)
-                now = time.time_ns()
                 journaled = (
                     batch
                     if result.accepted
@@ -230,8 +230,8 @@ class VitalsServicer(vitals_pb2_grpc.VitalsServiceServicer):
                     self._sessions.channels.pop(channel.session_id, None)
                     raise Unavailable(f"edge journal failed ({e}); reconnect") from e
                 channel.journaled(batch.seq)
-                if result.accepted:
-                    channel.process(batch, now, result.waveforms)
+                if result.accepted and (alerts := channel.process(batch, now, result.waveforms)):
+                    m.news2_alerts.inc(alerts)
             if result.accepted:
                 m.batches_accepted.inc()
             elif result.duplicate:
@@ -245,12 +245,15 @@ class VitalsServicer(vitals_pb2_grpc.VitalsServiceServicer):
                         seq=batch.seq, code=status_of(err).value[0], message=err.message
                     )
                 )
+                # The device's message may quote the values; the log names fields only.
                 log.info(
                     "batch rejected",
                     extra={
                         "session": channel.session_id,
                         "seq": batch.seq,
-                        "reason": err.message,
+                        "code": err.code.value,
+                        "reason": getattr(err, "reason", "unspecified"),
+                        "fields": list(getattr(err, "fields", ())),
                     },
                 )
             st.ack_due = True

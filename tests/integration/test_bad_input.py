@@ -3,6 +3,7 @@ and other streams carry on."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -28,20 +29,49 @@ from tests.integration.test_vitals_path import make_batch, open_session, request
 ChannelTo = Callable[[str], grpc.aio.Channel]
 
 
-def with_vitals(seq: int, sid: str, **fields: float) -> vitals_pb2.VitalsBatch:
-    b = make_batch(sid, seq)
-    for k, v in fields.items():
-        setattr(b.vitals[0], k, v)
-    return b
+def setting(**fields: float) -> Callable[[vitals_pb2.VitalsBatch], None]:
+    def mutate(b: vitals_pb2.VitalsBatch) -> None:
+        for k, v in fields.items():
+            setattr(b.vitals[0], k, v)
+
+    return mutate
 
 
-IMPOSSIBLE = [
-    ("pulse 900", {"heart_rate_bpm": 900}, "heart_rate_bpm"),
-    ("SpO2 130", {"spo2_percent": 130}, "spo2_percent"),
-    ("negative respiration", {"respiration_rate_bpm": -4}, "respiration_rate_bpm"),
-    ("NaN temperature", {"temperature_c": math.nan}, "temperature_c"),
-    ("diastolic above systolic", {"systolic_mmhg": 90, "diastolic_mmhg": 120}, "diastolic"),
-]
+def ahead(where: str, seconds: float) -> Callable[[vitals_pb2.VitalsBatch], None]:
+    """Stamp the batch, its reading or its ECG chunk this far ahead of the edge clock."""
+
+    def mutate(b: vitals_pb2.VitalsBatch) -> None:
+        shift = int(seconds * 1e9)
+        if where == "batch":
+            b.device_time_unix_ns += shift
+        elif where == "reading":
+            b.vitals[0].device_time_unix_ns += shift
+        else:
+            b.waveforms[0].start_time_unix_ns += shift
+
+    return mutate
+
+
+# (case, how the batch is spoiled, what the message names, the reason code logged,
+# the fields logged)
+BAD_BATCHES = [
+    ("pulse 900", setting(heart_rate_bpm=900), "heart_rate_bpm=900", "impossible_value",
+     ["heart_rate_bpm"]),
+    ("SpO2 130", setting(spo2_percent=130), "spo2_percent=130", "impossible_value",
+     ["spo2_percent"]),
+    ("negative respiration", setting(respiration_rate_bpm=-4), "respiration_rate_bpm",
+     "impossible_value", ["respiration_rate_bpm"]),
+    ("NaN temperature", setting(temperature_c=math.nan), "temperature_c", "impossible_value",
+     ["temperature_c"]),
+    ("diastolic above systolic", setting(systolic_mmhg=90, diastolic_mmhg=120), "diastolic",
+     "impossible_value", ["diastolic_mmhg", "systolic_mmhg"]),
+    ("batch 10 min ahead", ahead("batch", 600), "ahead of the edge clock", "time_in_future",
+     ["device_time_unix_ns"]),
+    ("reading a day ahead", ahead("reading", 86_400), "reading 0: device_time_unix_ns is",
+     "time_in_future", ["device_time_unix_ns"]),
+    ("ECG 10 min ahead", ahead("ecg", 600), "start_time_unix_ns is 600 s ahead",
+     "time_in_future", ["start_time_unix_ns"]),
+]  # fmt: skip
 
 
 async def viewer_of(core: CoreServer, channel_to: ChannelTo, sid: str, patient: str = "p-1") -> str:
@@ -85,15 +115,21 @@ def journaled(edge: EdgeServer, sid: str) -> dict[int, tuple[bool, vitals_pb2.Vi
     }
 
 
-@pytest.mark.parametrize(("name", "fields", "named"), IMPOSSIBLE, ids=[c[0] for c in IMPOSSIBLE])
-async def test_impossible_values_are_rejected_and_never_fanned_out(
+@pytest.mark.parametrize(
+    ("name", "spoil", "named", "reason", "fields"), BAD_BATCHES, ids=[c[0] for c in BAD_BATCHES]
+)
+async def test_bad_batches_are_rejected_and_never_fanned_out(
     core: CoreServer,
     edge_factory: EdgeFactory,
     channel_to: ChannelTo,
+    caplog: pytest.LogCaptureFixture,
     name: str,
-    fields: dict[str, float],
+    spoil: Callable[[vitals_pb2.VitalsBatch], None],
     named: str,
+    reason: str,
+    fields: list[str],
 ) -> None:
+    caplog.set_level(logging.INFO, logger="edge_nodes.vitals.servicer")
     edge = await edge_factory()
     opened = await open_session(core, channel_to)
     sid = opened.session.session_id
@@ -105,7 +141,8 @@ async def test_impossible_values_are_rejected_and_never_fanned_out(
     await eventually(lambda: edge.sessions.subscribers == 1, what="subscriber joined")
     # The bad reading also carries a distinctive heart rate (or the impossible one): if
     # anything of it leaked into scoring or fan-out, it would show.
-    bad = with_vitals(2, sid, **{"heart_rate_bpm": 99, **fields})
+    bad = make_batch(sid, 2, hr=99)
+    spoil(bad)
     marker = float(bad.vitals[0].heart_rate_bpm)
     batches = [make_batch(sid, 1), bad, make_batch(sid, 3)]
     resps = [
@@ -118,6 +155,14 @@ async def test_impossible_values_are_rejected_and_never_fanned_out(
     assert named in rejected[0].message
     # The stream went on: batch 3 accepted and the watermark passed the rejected seq.
     assert resps[-1].received_seq == 3
+    # The log says which fields and why, never the values (the device's message may).
+    (logged,) = [r for r in caplog.records if r.getMessage() == "batch rejected"]
+    assert (logged.seq, logged.code, logged.reason, logged.fields) == (  # type: ignore[attr-defined]
+        2,
+        "invalid_argument",
+        reason,
+        fields,
+    )
     assert edge.metrics.batches_rejected._value.get() == 1
     assert edge.metrics.batches_accepted._value.get() == 2
 
@@ -392,3 +437,47 @@ async def test_far_ahead_seq_is_refused_without_being_consumed(
     assert edge.metrics.batches_accepted._value.get() == 3
     held = journaled(edge, sid)
     assert {s: rejected for s, (rejected, _) in held.items()} == {1: False, 2: False, far: False}
+
+
+async def test_unknown_and_closed_sessions_at_the_edge(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    edge = await edge_factory(assignment_wait_s=0.2)
+    stub = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
+    # A genuine token (the core's issuer) for a session the core never placed here.
+    ghost = "ses_never_placed"
+    for role in ("publisher", "viewer"):
+        token, _ = core.issuer.issue(
+            session_id=ghost, role=role, edge_id="edge-a", zone="zone-a", spo2_scale=1
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            if role == "publisher":
+                async for _ in stub.Publish(
+                    requests([make_batch(ghost, 1)]), metadata=bearer(token)
+                ):
+                    pass
+            else:
+                async for _ in stub.Subscribe(
+                    vitals_pb2.SubscribeVitalsRequest(session_id=ghost), metadata=bearer(token)
+                ):
+                    pass
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND, role
+        assert "not placed on edge edge-a" in (err.value.details() or "")
+
+    # A view of a session that has been closed.
+    opened = await open_session(core, channel_to)
+    sid = opened.session.session_id
+    viewer = await viewer_of(core, channel_to, sid)
+    sessions = sessions_pb2_grpc.SessionsServiceStub(channel_to(core.address))
+    await sessions.Close(
+        sessions_pb2.CloseSessionRequest(session_id=sid),
+        metadata=bearer(opened.assignment.token),
+    )
+    await eventually(lambda: edge.sessions.assignments[sid].released == "closed", what="release")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in stub.Subscribe(
+            vitals_pb2.SubscribeVitalsRequest(session_id=sid), metadata=bearer(viewer)
+        ):
+            pass
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"session {sid} is closed" in (err.value.details() or "")

@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from core_services.server import CoreServer
+from edge_nodes.server import EdgeServer
 from telehealth.rpc import bearer
 from telehealth.v1 import sessions_pb2, sessions_pb2_grpc, vitals_pb2, vitals_pb2_grpc
 from tests.conftest import EdgeFactory, eventually, staff
@@ -53,9 +54,16 @@ async def open_session(
     channel_to: Callable[[str], grpc.aio.Channel],
     zone: str = "zone-a",
     patient: str = "p-1",
+    spo2_scale: int = 1,
 ) -> sessions_pb2.OpenSessionResponse:
     stub = sessions_pb2_grpc.SessionsServiceStub(channel_to(core.address))
-    return await stub.Open(sessions_pb2.OpenSessionRequest(patient_id=patient, zone=zone))
+    return await stub.Open(
+        sessions_pb2.OpenSessionRequest(
+            patient_id=patient,
+            zone=zone,
+            spo2_scale=spo2_scale,  # type: ignore[arg-type]
+        )
+    )
 
 
 async def test_batches_reach_subscriber_in_order_without_loss(
@@ -394,3 +402,214 @@ async def test_streams_end_when_their_token_expires_unless_refreshed(
     ack = await read_ack(pub)
     assert ack.received_seq == 4 and not ack.HasField("rejection")
     kept.close()
+
+
+AIR, OXYGEN = vitals_pb2.OXYGEN_SUPPORT_AIR, vitals_pb2.OXYGEN_SUPPORT_SUPPLEMENTAL
+ALERT, VOICE = vitals_pb2.CONSCIOUSNESS_ALERT, vitals_pb2.CONSCIOUSNESS_VOICE
+BAND = {
+    vitals_pb2.RISK_BAND_LOW: "low",
+    vitals_pb2.RISK_BAND_LOW_MEDIUM: "low-medium",
+    vitals_pb2.RISK_BAND_MEDIUM: "medium",
+    vitals_pb2.RISK_BAND_HIGH: "high",
+}
+
+
+def reading(sid: str, seq: int, **fields: float) -> vitals_pb2.VitalsBatch:
+    """One full reading: a healthy patient (NEWS2 0) but for `fields`."""
+    t = time.time_ns()
+    values: dict[str, float] = {
+        "respiration_rate_bpm": 16,
+        "spo2_percent": 97,
+        "oxygen_support": AIR,
+        "systolic_mmhg": 120,
+        "diastolic_mmhg": 70,
+        "heart_rate_bpm": 70,
+        "consciousness": ALERT,
+        "temperature_c": 36.8,
+    }
+    values.update(fields)
+    b = vitals_pb2.VitalsBatch(session_id=sid, seq=seq, device_time_unix_ns=t)
+    b.vitals.add(device_time_unix_ns=t, **values)
+    return b
+
+
+async def scored(
+    core: CoreServer,
+    edge: EdgeServer,
+    channel_to: ChannelTo,
+    sid: str,
+    token: str,
+    readings: list[dict[str, float]],
+) -> tuple[list[vitals_pb2.News2Update], list[tuple[int, str, str, str]]]:
+    """Publish the readings (seq 1..n) under a live view; return every NEWS2 update and
+    every alert as (seq, kind, previous band, band)."""
+    vitals = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
+    view = vitals.Subscribe(
+        vitals_pb2.SubscribeVitalsRequest(session_id=sid),
+        metadata=bearer(await viewer_token(core, channel_to, sid)),
+    )
+    await eventually(lambda: edge.sessions.subscribers >= 1, what="viewer")
+    batches = [reading(sid, i + 1, **r) for i, r in enumerate(readings)]
+    # Then a waveform-only batch: its event follows everything the last reading raised.
+    end = make_batch(sid, len(readings) + 1)
+    del end.vitals[:]
+    batches.append(end)
+    acks = [r async for r in vitals.Publish(requests(batches), metadata=bearer(token))]
+    assert acks[-1].received_seq == end.seq
+    assert not any(a.HasField("rejection") for a in acks)
+    updates: list[vitals_pb2.News2Update] = []
+    alerts: list[tuple[int, str, str, str]] = []
+    while True:
+        ev = await view.read()
+        assert isinstance(ev, vitals_pb2.SubscribeVitalsResponse)
+        if ev.HasField("news2"):
+            updates.append(ev.news2)
+        elif ev.HasField("alert"):
+            a = ev.alert
+            kind = vitals_pb2.AlertKind.Name(a.kind).removeprefix("ALERT_KIND_").lower()
+            alerts.append((a.seq, kind, BAND.get(a.previous_band, "-"), BAND[a.band]))
+        elif ev.HasField("batch") and ev.batch.seq == end.seq:
+            break
+    view.cancel()
+    return updates, alerts
+
+
+async def test_news2_over_grpc_at_band_boundaries_with_alerts(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    edge = await edge_factory()
+    opened = await open_session(core, channel_to)
+    sid = opened.session.session_id
+    steps: list[tuple[dict[str, float], int, str]] = [
+        ({}, 0, "low"),
+        # 4, the top of low: pulse 91 (1), RR 21 (2), temperature 38.05 (1: as float32 it
+        # is 38.0499..., which the chart reads as 38.1).
+        ({"heart_rate_bpm": 91, "respiration_rate_bpm": 21, "temperature_c": 38.05}, 4, "low"),
+        # 5, the bottom of medium: and systolic 110 (1).
+        (
+            {
+                "heart_rate_bpm": 91,
+                "respiration_rate_bpm": 21,
+                "temperature_c": 38.05,
+                "systolic_mmhg": 110,
+            },
+            5,
+            "medium",
+        ),
+        # One parameter at 3 with an aggregate under 5: low-medium.
+        ({"consciousness": VOICE}, 3, "low-medium"),
+        # 7, the bottom of high: RR 25 (3), SpO2 94 (1), systolic 101 (1), temp 39.1 (2).
+        (
+            {
+                "respiration_rate_bpm": 25,
+                "spo2_percent": 94,
+                "systolic_mmhg": 101,
+                "temperature_c": 39.1,
+            },
+            7,
+            "high",
+        ),
+        # Just below each upper edge of 0: pulse 90, RR 20, systolic 111, temp 38.0.
+        (
+            {
+                "heart_rate_bpm": 90,
+                "respiration_rate_bpm": 20,
+                "systolic_mmhg": 111,
+                "temperature_c": 38.0,
+                "spo2_percent": 96,
+            },
+            0,
+            "low",
+        ),
+    ]
+    updates, alerts = await scored(
+        core, edge, channel_to, sid, opened.assignment.token, [r for r, _, _ in steps]
+    )
+    assert [(u.seq, u.total, BAND[u.band]) for u in updates] == [
+        (i + 1, total, band) for i, (_, total, band) in enumerate(steps)
+    ]
+    assert all(u.complete and u.spo2_scale == vitals_pb2.SPO2_SCALE_1 for u in updates)
+    assert all(u.oldest_input_unix_ns > 0 for u in updates)
+    # An alert on every band change (none for the first score, already low), and one when
+    # a parameter turns red.
+    assert alerts == [
+        (3, "band_changed", "low", "medium"),
+        (4, "band_changed", "medium", "low-medium"),
+        (4, "single_parameter_red", "low-medium", "low-medium"),
+        (5, "band_changed", "low-medium", "high"),
+        (5, "single_parameter_red", "high", "high"),
+        (6, "band_changed", "high", "low"),
+    ]
+    assert edge.metrics.news2_alerts._value.get() == len(alerts)
+
+
+async def test_news2_over_grpc_on_spo2_scale_2(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    edge = await edge_factory()
+    opened = await open_session(core, channel_to, spo2_scale=2)
+    sid = opened.session.session_id
+    # (SpO2, oxygen, SpO2 points on scale 2); oxygen itself adds 2.
+    steps = [
+        (88, AIR, 0),
+        (87, AIR, 1),
+        (85, AIR, 2),
+        (83, AIR, 3),
+        (92, OXYGEN, 0),
+        (93, AIR, 0),
+        (93, OXYGEN, 1),
+        (95, OXYGEN, 2),
+        (97, OXYGEN, 3),
+    ]
+    updates, _ = await scored(
+        core,
+        edge,
+        channel_to,
+        sid,
+        opened.assignment.token,
+        [{"spo2_percent": s, "oxygen_support": o} for s, o, _ in steps],
+    )
+    assert all(u.spo2_scale == vitals_pb2.SPO2_SCALE_2 for u in updates)
+    spo2 = [next(p.score for p in u.parameters if p.parameter == "spo2") for u in updates]
+    assert spo2 == [points for _, _, points in steps]
+    assert [u.total for u in updates] == [
+        points + (2 if o == OXYGEN else 0) for _, o, points in steps
+    ]
+
+
+async def test_news2_leaves_out_stale_inputs(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    edge = await edge_factory(news2_max_input_age_s=60)
+    opened = await open_session(core, channel_to)
+    sid = opened.session.session_id
+    vitals = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
+    view = vitals.Subscribe(
+        vitals_pb2.SubscribeVitalsRequest(session_id=sid),
+        metadata=bearer(await viewer_token(core, channel_to, sid)),
+    )
+    await eventually(lambda: edge.sessions.subscribers == 1, what="viewer")
+    # A blood pressure (systolic 90: 3 points) measured two minutes ago, then a fresh
+    # reading of everything else.
+    old = reading(sid, 1, systolic_mmhg=90, diastolic_mmhg=60)
+    t_old = old.vitals[0].device_time_unix_ns - 120 * 10**9
+    old.vitals[0].device_time_unix_ns = t_old
+    fresh = reading(sid, 2)
+    fresh.vitals[0].ClearField("systolic_mmhg")
+    fresh.vitals[0].ClearField("diastolic_mmhg")
+    acks = [
+        r
+        async for r in vitals.Publish(
+            requests([old, fresh]), metadata=bearer(opened.assignment.token)
+        )
+    ]
+    assert acks[-1].received_seq == 2
+    first = (await next_event(view, "news2")).news2
+    second = (await next_event(view, "news2")).news2
+    view.cancel()
+    for u in (first, second):
+        bp = next(p for p in u.parameters if p.parameter == "systolic_bp")
+        assert bp.stale and bp.score == 3 and bp.measured_unix_ns == t_old
+        assert not u.complete and u.total == 0
+    assert second.oldest_input_unix_ns == fresh.vitals[0].device_time_unix_ns
+    assert not any(p.stale for p in second.parameters if p.parameter != "systolic_bp")

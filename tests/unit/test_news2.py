@@ -238,6 +238,7 @@ def test_healthy_patient_scores_zero_low_and_complete() -> None:
         band=RiskBand.LOW,
         parameters=score.parameters,
         complete=True,
+        oldest_input_unix_ns=1_000,
     )
     assert [p.parameter for p in score.parameters] == [
         "respiration_rate",
@@ -316,3 +317,38 @@ def test_latest_vitals_ignores_unreported_enums() -> None:
     assert latest.oxygen_support == Observation(2.0, 100)
     latest.update(device_time_unix_ns=50, consciousness=int(Consciousness.ALERT))
     assert latest.consciousness == Observation(4.0, 100)
+
+
+def test_stale_inputs_are_shown_but_left_out_of_the_total() -> None:
+    latest = _vitals(hr=135, acvpu=Consciousness.VOICE)  # pulse 3, consciousness 3 at t=1000
+    # Later, fresh readings of everything but pulse and consciousness.
+    latest.update(
+        device_time_unix_ns=9_000,
+        respiration_rate_bpm=22,
+        spo2_percent=97,
+        oxygen_support=int(OxygenSupport.AIR),
+        systolic_mmhg=120,
+        temperature_c=36.8,
+    )
+    assert compute_news2(latest, SpO2Scale.SCALE_1).total == 8  # without expiry: all count
+    score = compute_news2(latest, SpO2Scale.SCALE_1, now_unix_ns=10_000, max_age_ns=5_000)
+    stale = {p.parameter: p.score for p in score.parameters if p.stale}
+    assert stale == {"pulse": 3, "consciousness": 3}
+    assert (score.total, score.band, score.complete) == (2, RiskBand.LOW, False)
+    assert score.oldest_input_unix_ns == 9_000
+    # Exactly max_age old still counts; one nanosecond more does not.
+    edge = compute_news2(latest, SpO2Scale.SCALE_1, now_unix_ns=6_000, max_age_ns=5_000)
+    assert not any(p.stale for p in edge.parameters) and edge.total == 8
+    assert edge.oldest_input_unix_ns == 1_000
+    assert compute_news2(latest, SpO2Scale.SCALE_1, 6_001, 5_000).total == 2
+
+
+def test_stale_oxygen_support_is_not_used_for_scale_2() -> None:
+    latest = _vitals(spo2=97, oxygen=OxygenSupport.SUPPLEMENTAL)
+    latest.update(device_time_unix_ns=9_000, spo2_percent=97)
+    fresh = compute_news2(latest, SpO2Scale.SCALE_2, now_unix_ns=9_000, max_age_ns=10_000)
+    assert fresh.total == 5  # 97 % on oxygen, scale 2: 3, plus oxygen 2
+    aged = compute_news2(latest, SpO2Scale.SCALE_2, now_unix_ns=9_000, max_age_ns=5_000)
+    # Oxygen support no longer known: SpO2 97 % is charted as on air (0), oxygen left out.
+    assert {p.parameter: p.score for p in aged.parameters}["spo2"] == 0
+    assert aged.total == 0 and not aged.complete
