@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -63,7 +65,7 @@ async def test_every_batch_archived_once_and_exported_as_fhir(
     doc = json.loads(export.bundle_json)
     Bundle.model_validate(doc)
     assert export.observations == 40 * 5
-    codes: dict[str, list[dict[str, object]]] = {}
+    codes: dict[str, list[dict[str, Any]]] = {}
     for e in doc["entry"]:
         o = e["resource"]
         assert o["subject"]["reference"] == "Patient/p-1"
@@ -76,7 +78,25 @@ async def test_every_batch_archived_once_and_exported_as_fhir(
     assert bp["component"][0]["valueQuantity"]["code"] == "mm[Hg]"
     hr = sorted(o["valueQuantity"]["value"] for o in codes["8867-4"])
     assert hr == [float(60 + i) for i in range(1, 41)]
-    assert codes["8310-5"][0]["valueQuantity"]["code"] == "Cel"
+    # Each Observation claims its FHIR R4 vital-signs profile and carries UCUM units.
+    profiles = {
+        "8867-4": ("heartrate", "/min"),
+        "2708-6": ("oxygensat", "%"),
+        "9279-1": ("resprate", "/min"),
+        "8310-5": ("bodytemp", "Cel"),
+        "85354-9": ("bp", None),
+    }
+    for code, (profile, unit) in profiles.items():
+        for o in codes[code]:
+            assert o["meta"]["profile"] == [f"http://hl7.org/fhir/StructureDefinition/{profile}"]
+            quantities = (
+                [c["valueQuantity"] for c in o["component"]]
+                if unit is None
+                else [o["valueQuantity"]]
+            )
+            for q in quantities:
+                assert q["system"] == "http://unitsofmeasure.org"
+                assert q["code"] == (unit or "mm[Hg]")
 
 
 async def test_archive_refuses_bad_queries(core: CoreServer, channel_to: ChannelTo) -> None:
@@ -90,7 +110,7 @@ async def test_archive_refuses_bad_queries(core: CoreServer, channel_to: Channel
             await archive.QueryVitals(req, metadata=clinician)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert match in (err.value.details() or "")
-    for req, code in [
+    exports: list[tuple[archive_pb2.ExportFhirRequest, grpc.StatusCode]] = [
         (archive_pb2.ExportFhirRequest(patient_id="p-other"), grpc.StatusCode.PERMISSION_DENIED),
         (
             archive_pb2.ExportFhirRequest(patient_id="p-9", page_size=10**6),
@@ -100,9 +120,10 @@ async def test_archive_refuses_bad_queries(core: CoreServer, channel_to: Channel
             archive_pb2.ExportFhirRequest(patient_id="p-9", from_unix_ns=5, to_unix_ns=1),
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
-    ]:
+    ]
+    for export, code in exports:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            async for _ in archive.ExportFhir(req, metadata=clinician):
+            async for _ in archive.ExportFhir(export, metadata=clinician):
                 pass
         assert err.value.code() == code
 
@@ -170,3 +191,61 @@ async def test_long_record_exports_in_pages_joined_into_one_bundle(
     assert hr == sorted(float(50 + i % 90) for i in range(1, 121))
     left = await asyncio.to_thread(lambda: sorted(p.name for p in tmp_path.glob("p-long*")))
     assert left == [out.name]  # no .partial left beside it
+
+
+async def test_query_and_export_by_time_window(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    edge = await edge_factory()
+    opened = await open_session(core, channel_to, patient="p-window")
+    sid = opened.session.session_id
+    t0 = time.time_ns() - 60 * 10**9
+    batches = []
+    for i in range(1, 11):
+        # One reading a second, a minute ago: seq i measured at t0 + i s.
+        b = make_batch(sid, i, hr=60 + i)
+        t = t0 + i * 10**9
+        b.device_time_unix_ns = b.vitals[0].device_time_unix_ns = t
+        b.waveforms[0].start_time_unix_ns = t
+        batches.append(b)
+    stub = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
+    acks = [
+        r async for r in stub.Publish(requests(batches), metadata=bearer(opened.assignment.token))
+    ]
+    assert acks[-1].received_seq == 10
+    archive = archive_pb2_grpc.ArchiveServiceStub(channel_to(core.address))
+
+    async def all_archived() -> bool:
+        r = await archive.GetWatermark(archive_pb2.GetWatermarkRequest(session_id=sid))
+        return r.watermark.archived_seq == 10
+
+    await eventually(all_archived, what="all 10 archived")
+    clinician = await staff(core, "clinician", patients=("p-window",))
+    # [from, to): readings at t0+3 s up to, not including, t0+7 s.
+    since, until = t0 + 3 * 10**9, t0 + 7 * 10**9
+    got = await archive.QueryVitals(
+        archive_pb2.QueryVitalsRequest(patient_id="p-window", from_unix_ns=since, to_unix_ns=until),
+        metadata=clinician,
+    )
+    assert [b.batch.seq for b in got.batches] == [3, 4, 5, 6] and not got.truncated
+    by_session = await archive.QueryVitals(
+        archive_pb2.QueryVitalsRequest(session_id=sid, from_unix_ns=t0 + 9 * 10**9),
+        metadata=clinician,
+    )
+    assert [b.batch.seq for b in by_session.batches] == [9, 10]
+    pages = [
+        p
+        async for p in archive.ExportFhir(
+            archive_pb2.ExportFhirRequest(
+                patient_id="p-window", from_unix_ns=since, to_unix_ns=until
+            ),
+            metadata=clinician,
+        )
+    ]
+    doc = json.loads(pages[0].bundle_json)
+    hr = sorted(
+        e["resource"]["valueQuantity"]["value"]
+        for e in doc["entry"]
+        if e["resource"]["code"]["coding"][0]["code"] == "8867-4"
+    )
+    assert hr == [63.0, 64.0, 65.0, 66.0]
