@@ -1,4 +1,4 @@
-"""telehealth-ctl's security commands: pki init, login, users add/assign, audit verify."""
+"""telehealth-ctl's security commands: pki init/renew, login, users add/assign, audit verify."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
+from cryptography import x509
 
 from core_services.audit.anchor import CheckpointFile
 from core_services.audit.store import SqlAuditLog
@@ -19,7 +20,8 @@ from core_services.auth.users import UserStore
 from core_services.store import SqlStore
 from telehealth.config import CoreSettings
 from telehealth.security.audit import AuditKey
-from telehealth.security.pki import DEFAULT_CLIENTS, DEFAULT_HOSTS, init_pki
+from telehealth.security.identity import certificate_identity
+from telehealth.security.pki import DEFAULT_CLIENTS, DEFAULT_HOSTS, init_pki, renew_pki
 from telehealth.v1 import auth_pb2, auth_pb2_grpc
 
 TOKEN_ENV = "TELEHEALTH_TOKEN"
@@ -86,16 +88,31 @@ def _password(ns: argparse.Namespace) -> str:
 
 
 async def cmd_pki(ns: argparse.Namespace, out: TextIO) -> int:
+    if ns.pki_command == "renew":
+        try:
+            renewed = renew_pki(Path(ns.dir), [n for n in ns.names.split(",") if n], days=ns.days)
+        except FileNotFoundError as e:
+            out.write(f"cannot renew: {e}\n")
+            return 1
+        for r in renewed:
+            out.write(f"  {r.name:<14} serial {r.old_serial:x} -> {r.new_serial:x}\n")
+        out.write(
+            f"renewed {len(renewed)} certificate(s) in {ns.dir} from the same CA; running "
+            "servers use them for new connections without a restart\n"
+        )
+        return 0
     edges = [e for e in ns.edges.split(",") if e]
     files = init_pki(
         Path(ns.dir),
         services=["core", *edges],
         clients=list(DEFAULT_CLIENTS),
         hosts=[*DEFAULT_HOSTS, *[h for h in ns.hosts.split(",") if h]],
+        zones=[z for z in ns.zones.split(",") if z],
     )
     out.write(f"CA and {len(files)} certificate(s) in {ns.dir} (existing files kept)\n")
     for name, f in files.items():
-        out.write(f"  {name:<10} {f.cert}\n")
+        uri = certificate_identity(x509.load_pem_x509_certificate(f.cert.read_bytes())).uri
+        out.write(f"  {name:<14} {uri:<36} {f.cert}\n")
     return 0
 
 
@@ -179,10 +196,29 @@ async def cmd_login(ch: grpc.aio.Channel, ns: argparse.Namespace, out: TextIO) -
 def add_commands(sub: Any) -> None:
     pki = sub.add_parser("pki", help="local certificate authority for the dev mesh")
     pki_sub = pki.add_subparsers(dest="pki_command", required=True)
-    init = pki_sub.add_parser("init", help="create the CA and certificates (keeps existing ones)")
+    init = pki_sub.add_parser(
+        "init",
+        help="create the CA and certificates (keeps existing ones); each carries its role as a "
+        "SAN URI: spiffe://telehealth/core, .../edge/<id>, .../zone/<zone>, .../device, "
+        ".../clinician, .../operator",
+    )
     init.add_argument("--dir", default="var/pki", help="where the PEM files go")
     init.add_argument("--edges", default="edge-a,edge-b,edge-c", help="edge ids to certify")
+    init.add_argument(
+        "--zones",
+        default="",
+        help="zones to certify (edges-<zone>.crt): any edge of the zone may use it, as pods "
+        "whose names vary do",
+    )
     init.add_argument("--hosts", default="", help="extra SANs for server certificates")
+    renew = pki_sub.add_parser(
+        "renew",
+        help="re-issue leaf certificates from the existing CA (new key and serial, same names "
+        "and roles); running servers pick them up for new connections",
+    )
+    renew.add_argument("--dir", default="var/pki", help="where the PEM files are")
+    renew.add_argument("--names", default="", help="only these (e.g. core,edge-a); default all")
+    renew.add_argument("--days", type=int, default=825, help="validity of the new certificates")
     login = sub.add_parser("login", help="log in (clinician or operator) and save the token")
     login.add_argument("user", help="user id")
     login.add_argument("--password-stdin", action="store_true", help="read the password from stdin")

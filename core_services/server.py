@@ -99,7 +99,7 @@ class CoreServer:
         self.security.http.add_routes(self.http_app)
         add_archive_routes(self.http_app, self.archive, self.security.policy)
         Console(self.directory, self.edges, self.security.policy).add_routes(self.http_app)
-        self.http = HttpServer(self.http_app, settings.http_listen)
+        self.http = HttpServer(self.http_app, settings.http_listen, settings.http_tls())
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._serving = False

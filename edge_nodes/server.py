@@ -77,7 +77,7 @@ class EdgeServer:
         http_app = metrics_app(self.registry_metrics, lambda: self.verifier.has_keys)
         self.media = EdgeMedia(settings, self.sessions, self.verifier, self.registry_metrics)
         self.media.register(self.grpc, http_app)
-        self.http = HttpServer(http_app, settings.http_listen)
+        self.http = HttpServer(http_app, settings.http_listen, settings.http_tls())
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.link: CoreLink | None = None
