@@ -210,6 +210,7 @@ class MediaCall:
         tls: TlsFiles | None = None,
         server_name: str = "",
         adapt: bool = True,
+        follow_state: bool = False,
     ) -> None:
         self.edge_address = edge_address
         self.session_id = session_id
@@ -217,6 +218,8 @@ class MediaCall:
         self.role = role
         self._tls = tls
         self._server_name = server_name
+        # Watch the call's state (a patient with adaptive video always does).
+        self._follow_state = follow_state
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         # A patient's video follows the edge's send_mode (watched over WatchCall).
         if video is not None and role == PUBLISHER and adapt:
@@ -293,7 +296,8 @@ class MediaCall:
         self.call_id = resp.call_id
         self.answer_sdp = resp.answer_sdp
         await self.pc.setRemoteDescription(RTCSessionDescription(resp.answer_sdp, "answer"))
-        self._tasks.append(asyncio.ensure_future(self._watch(stub)))
+        if isinstance(self.video, AdaptiveVideoTrack) or self._follow_state:
+            self._tasks.append(asyncio.ensure_future(self._watch(stub)))
         return resp
 
     async def _watch(self, stub: media_pb2_grpc.MediaServiceAsyncStub) -> None:

@@ -63,19 +63,23 @@ class EdgeServer:
             tls=settings.tls(),
             idle_timeout_s=settings.grpc_idle_timeout_s,
         )
+        self.vitals = VitalsServicer(
+            self.sessions,
+            self.verifier,
+            self.metrics,
+            settings.subscriber_queue,
+            self.journal,
+        )
         self.grpc.add(
             vitals_pb2_grpc.add_VitalsServiceServicer_to_server,
-            VitalsServicer(
-                self.sessions,
-                self.verifier,
-                self.metrics,
-                settings.subscriber_queue,
-                self.journal,
-            ),
+            self.vitals,
             "telehealth.v1.VitalsService",
         )
         http_app = metrics_app(self.registry_metrics, lambda: self.verifier.has_keys)
-        self.media = EdgeMedia(settings, self.sessions, self.verifier, self.registry_metrics)
+        # The browser's vitals view shares the guard (audit, viewer places) and the replay.
+        self.media = EdgeMedia(
+            settings, self.sessions, self.verifier, self.registry_metrics, self.guard, self.vitals
+        )
         self.media.register(self.grpc, http_app)
         self.http = HttpServer(http_app, settings.http_listen, settings.http_tls())
         self._stop = asyncio.Event()

@@ -144,6 +144,8 @@ class Consultation:
         self._last_state_key: tuple[object, ...] = ()
         self._state_sent_at = 0.0
         self.tasks: list[asyncio.Task[None]] = []
+        # Token-expiry timers of watchers (by id of their subscriber), cancelled on unwatch.
+        self.expiries: dict[int, asyncio.TimerHandle] = {}
 
     # -- membership ---------------------------------------------------------------------
 
@@ -360,6 +362,12 @@ class Consultation:
         if self.last_hint is not None:
             sub.offer(CallEvent(hint=self.last_hint))
         self.events.add(sub)
+
+    def unwatch(self, sub: Subscriber[CallEvent]) -> None:
+        self.events.remove(sub)
+        expiry = self.expiries.pop(id(sub), None)
+        if expiry is not None:
+            expiry.cancel()
 
     def end(self, reason: str) -> None:
         self.ended = reason

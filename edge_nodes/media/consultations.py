@@ -12,6 +12,7 @@ from typing import Any
 
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
+from edge_nodes.guard import AuditTrail
 from edge_nodes.media.consultation import (
     CLINICIAN,
     PATIENT,
@@ -48,6 +49,9 @@ from telehealth.telemetry.metrics import MediaMetrics
 
 log = logging.getLogger(__name__)
 
+# As the vitals streams say it (INTERFACES §5): the client attaches again and watches anew.
+TOKEN_EXPIRED = "token expired; attach again for a fresh one"
+
 ROLES = (PATIENT, CLINICIAN)
 MAX_CLINICIANS = 8
 NEGOTIATE_TIMEOUT_S = 10.0
@@ -82,11 +86,13 @@ class Consultations:
         sessions: EdgeSessions,
         verifier: TokenVerifier,
         metrics: MediaMetrics,
+        audit: AuditTrail,
     ) -> None:
         self._settings = settings
         self._sessions = sessions
         self._verifier = verifier
         self.metrics = metrics
+        self.audit = audit
         self.ports = UdpPortRange(settings.media_udp_port_min, settings.media_udp_port_max)
         self.vision = VisionWorker(settings.vision_sample_hz)
         self.calls: dict[str, Consultation] = {}
@@ -101,13 +107,55 @@ class Consultations:
     # -- auth ---------------------------------------------------------------------------
 
     def authorize(
-        self, token: str | None, session_id: str, roles: tuple[str, ...]
+        self,
+        token: str | None,
+        session_id: str,
+        roles: tuple[str, ...],
+        audit_as: str = "",
+        peer: str = "",
     ) -> SessionClaims:
+        """The token's claims for session_id in one of roles. With audit_as (an action of
+        telehealth.security.audit.ACTIONS), a read of patient data: recorded durably before
+        anything is sent (AuditTrail.record raises Unavailable when it cannot be), and a
+        refusal is recorded as denied."""
         if not session_id:
             raise InvalidArgument("session_id must be set")
         if not self._verifier.has_keys:
             raise Unavailable("edge has not yet received token keys from the core; retry shortly")
-        return self._verifier.verify(token, session_id=session_id, roles=roles)
+        try:
+            claims = self._verifier.verify(token, session_id=session_id, roles=roles)
+        except DomainError:
+            if audit_as:
+                self.audit_refusal(token, session_id, audit_as, peer)
+            raise
+        if audit_as:
+            self.audit_read(claims, audit_as, peer)
+        return claims
+
+    def audit_read(self, claims: SessionClaims, action: str, peer: str) -> None:
+        self.audit.record(
+            subject=claims.subject_id or f"session:{claims.session_id}",
+            role=claims.role,
+            action=action,
+            session_id=claims.session_id,
+            peer=peer,
+        )
+
+    def audit_refusal(self, token: str | None, session_id: str, action: str, peer: str) -> None:
+        """A refused read, under the subject of the token only when its signature is ours."""
+        who = self._verifier.identify(token)
+        subject = (
+            "unauthenticated" if who is None else who.subject_id or f"session:{who.session_id}"
+        )
+        with contextlib.suppress(Unavailable):
+            self.audit.record(
+                subject=subject,
+                role=who.role if who is not None else "",
+                action=action,
+                session_id=session_id,
+                peer=peer,
+                outcome="denied",
+            )
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -137,16 +185,20 @@ class Consultations:
     # -- signalling -----------------------------------------------------------------------
 
     async def negotiate(
-        self, token: str | None, session_id: str, role: str, offer_sdp: str
+        self, token: str | None, session_id: str, role: str, offer_sdp: str, remote: str = ""
     ) -> tuple[str, str, CallMode]:
-        """Answer an offer for session_id as role; return (call_id, answer SDP, call mode)."""
+        """Answer an offer for session_id as role; return (call_id, answer SDP, call mode).
+        A clinician (viewer) receiving the patient's video is a read of patient data: audited
+        before the answer goes out."""
         result = "refused"
         try:
             if role not in ROLES:
                 raise InvalidArgument(
                     f"role must be publisher (patient) or viewer (clinician), not {role!r}"
                 )
-            claims = self.authorize(token, session_id, (role,))
+            claims = self.authorize(
+                token, session_id, (role,), "media.view" if role == CLINICIAN else "", remote
+            )
             check_offer(offer_sdp)
             if self._closing:
                 raise Unavailable("edge is shutting down; ask the core for a new assignment")
@@ -290,6 +342,8 @@ class Consultations:
         return True
 
     def watch(self, claims: SessionClaims) -> tuple[Consultation, Subscriber[CallEvent]]:
+        """Follow the session's call until it ends or the token expires (the subscriber is
+        closed with TOKEN_EXPIRED then: watch again with a fresh token)."""
         call = self.calls.get(claims.session_id)
         if call is None:
             raise FailedPrecondition(
@@ -297,6 +351,11 @@ class Consultations:
             )
         sub: Subscriber[CallEvent] = Subscriber(64)
         call.watch(sub)
+        loop = asyncio.get_running_loop()
+        expiry = loop.call_at(
+            loop.time() + max(0.0, claims.expires_unix - time.time()), sub.close, TOKEN_EXPIRED
+        )
+        call.expiries[id(sub)] = expiry
         return call, sub
 
     async def watch_session(self, session_id: str) -> Consultation:

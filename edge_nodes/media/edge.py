@@ -5,9 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from edge_nodes.guard import EdgeGuard
 from edge_nodes.media.consultations import Consultations
 from edge_nodes.media.http import MediaHttp
 from edge_nodes.media.servicer import MediaServicer
+from edge_nodes.vitals.servicer import VitalsServicer
 from edge_nodes.vitals.sessions import EdgeSessions
 from telehealth.config import EdgeSettings
 from telehealth.rpc import GrpcServer
@@ -23,10 +25,14 @@ class EdgeMedia:
         sessions: EdgeSessions,
         verifier: TokenVerifier,
         registry: CollectorRegistry,
+        guard: EdgeGuard,
+        vitals: VitalsServicer,
     ) -> None:
+        """guard: the edge's audit trail and viewer places (shared with gRPC Subscribe);
+        vitals: its journal replay, so a browser view resumes like a gRPC one."""
         self.metrics = MediaMetrics(registry, settings.edge_id, settings.zone)
-        self.calls = Consultations(settings, sessions, verifier, self.metrics)
-        self._http = MediaHttp(self.calls, sessions)
+        self.calls = Consultations(settings, sessions, verifier, self.metrics, guard.audit)
+        self._http = MediaHttp(self.calls, sessions, guard, vitals)
         self._advertise = settings.http_advertise_url.rstrip("/")
         self.http_url = ""
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,13 @@ from aiohttp import WSMsgType, web
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from edge_nodes.guard import REFUSALS, EdgeGuard
 from edge_nodes.media.consultation import CLINICIAN, PATIENT, CallEvent
-from edge_nodes.media.consultations import Consultations
+from edge_nodes.media.consultations import TOKEN_EXPIRED, Consultations
 from edge_nodes.media.sdp import MAX_SDP_BYTES
 from edge_nodes.vitals.fanout import Subscriber, SubscriberClosed
-from edge_nodes.vitals.pipeline import Event
+from edge_nodes.vitals.pipeline import Event, SessionChannel
+from edge_nodes.vitals.servicer import VitalsServicer
 from edge_nodes.vitals.sessions import EdgeSessions
 from telehealth.errors import DomainError, ErrorCode, InvalidArgument
 
@@ -66,9 +69,17 @@ def to_json(msg: Message) -> dict[str, Any]:
 
 
 class MediaHttp:
-    def __init__(self, calls: Consultations, sessions: EdgeSessions) -> None:
+    def __init__(
+        self,
+        calls: Consultations,
+        sessions: EdgeSessions,
+        guard: EdgeGuard,
+        vitals: VitalsServicer,
+    ) -> None:
         self._calls = calls
         self._sessions = sessions
+        self._guard = guard
+        self._vitals = vitals
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_route("OPTIONS", "/media/{tail:.*}", self._preflight)
@@ -101,7 +112,11 @@ class MediaHttp:
             if not isinstance(sdp, str) or not isinstance(role, str):
                 raise InvalidArgument('body needs "sdp" (the offer) and "role" as strings')
             call_id, answer, mode = await self._calls.negotiate(
-                bearer_of(request, body), request.match_info["session_id"], role, sdp
+                bearer_of(request, body),
+                request.match_info["session_id"],
+                role,
+                sdp,
+                remote=request.remote or "",
             )
         except DomainError as e:
             return error_response(e)
@@ -129,10 +144,19 @@ class MediaHttp:
         """Live vitals and call events of one session as JSON.
 
         A browser cannot put headers on a WebSocket and a token in the URL ends up in logs, so
-        the first message carries it: {"session_id": ..., "token": ...}.
+        the first message carries it: {"session_id": ..., "token": ...[, "resume_after_seq":
+        N]}. With resume_after_seq the batches after N that this edge holds are replayed first
+        (then live, without duplicates; a "gap" event names what it does not hold), so a view
+        that moves edges or renews its token loses nothing. Like gRPC Subscribe, a view takes
+        one of the session's viewer places and is audited before any data goes out; it ends
+        with an "error" (unauthenticated, close code 4401) when its token expires.
         """
         ws = web.WebSocketResponse(heartbeat=20.0)
         await ws.prepare(request)
+        peer = request.remote or ""
+        slot: contextlib.AbstractContextManager[None] | None = None
+        token: str | None = None
+        sid = ""
         try:
             try:
                 hello = await ws.receive_json(timeout=WS_AUTH_TIMEOUT_S)
@@ -143,20 +167,53 @@ class MediaHttp:
                 ) from None
             if not isinstance(hello, dict):
                 raise InvalidArgument("first message must be a JSON object")
-            claims = self._calls.authorize(
-                hello.get("token"), str(hello.get("session_id", "")), (PATIENT, CLINICIAN)
-            )
-            channel = await self._sessions.channel_for(claims)
+            resume_after = hello.get("resume_after_seq", 0) or 0
+            if (
+                not isinstance(resume_after, int)
+                or isinstance(resume_after, bool)
+                or resume_after < 0
+            ):
+                raise InvalidArgument("resume_after_seq must be a whole number >= 0")
+            sid = str(hello.get("session_id", ""))
+            raw = hello.get("token")
+            token = raw if isinstance(raw, str) else None
+            try:
+                claims = self._calls.authorize(token, sid, (PATIENT, CLINICIAN))
+                channel = await self._sessions.channel_for(claims)
+                slot = self._guard.viewer_slot(sid)
+                slot.__enter__()
+                # Durable before the first event leaves the edge (raises when it cannot be).
+                self._calls.audit_read(claims, "vitals.subscribe", peer)
+            except DomainError as e:
+                if slot is not None:
+                    slot.__exit__(None, None, None)
+                    slot = None
+                if sid and e.code in REFUSALS:
+                    self._calls.audit_refusal(token, sid, "vitals.subscribe", peer)
+                raise
         except DomainError as e:
             await ws.send_json({"type": "error", "error": e.code.value, "message": e.message})
             await ws.close(code=4000 + HTTP_STATUS[e.code], message=e.code.value.encode())
             return ws
-        sid = claims.session_id
-        await ws.send_json({"type": "welcome", "session_id": sid, "role": claims.role})
+        assert slot is not None
+        await ws.send_json(
+            {
+                "type": "welcome",
+                "session_id": sid,
+                "role": claims.role,
+                "token_expires_unix_ms": claims.expires_unix * 1000,
+            }
+        )
         vitals: Subscriber[Event] = Subscriber(256)
+        # Live events queue from here on, so the replay and the live events overlap rather
+        # than leave a hole between them.
         channel.subscribe(vitals, include_latest=True)
+        loop = asyncio.get_running_loop()
+        expiry = loop.call_at(
+            loop.time() + max(0.0, claims.expires_unix - time.time()), vitals.close, TOKEN_EXPIRED
+        )
         pumps = [
-            asyncio.create_task(self._pump_vitals(ws, vitals)),
+            asyncio.create_task(self._pump_vitals(ws, channel, vitals, resume_after)),
             asyncio.create_task(self._pump_calls(ws, sid)),
         ]
         try:
@@ -164,34 +221,70 @@ class MediaHttp:
                 if msg.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
                     break
         finally:
+            expiry.cancel()
             for p in pumps:
                 p.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
             channel.fanout.remove(vitals)
+            slot.__exit__(None, None, None)
             with contextlib.suppress(Exception):
                 await ws.close()
         return ws
 
-    async def _pump_vitals(self, ws: web.WebSocketResponse, sub: Subscriber[Event]) -> None:
+    async def _send(self, ws: web.WebSocketResponse, ev: Event) -> None:
+        kind = ev.WhichOneof("event")
+        await ws.send_json(
+            {
+                "type": kind,
+                "edge_received_unix_ns": ev.edge_received_unix_ns,
+                kind or "event": to_json(getattr(ev, kind)) if kind else {},
+            }
+        )
+
+    async def _pump_vitals(
+        self,
+        ws: web.WebSocketResponse,
+        channel: SessionChannel,
+        sub: Subscriber[Event],
+        resume_after: int,
+    ) -> None:
+        # Seqs replayed from the journal (engineer A1's replay, the one gRPC Subscribe uses):
+        # their live copies, queued meanwhile, are skipped once.
+        replayed: set[int] = set()
+        if resume_after:
+            async for ev in self._vitals._replay(channel, resume_after, replayed):
+                await self._send(ws, ev)
         while True:
             try:
                 dropped, events = await sub.take()
             except SubscriberClosed as closed:
+                if closed.reason == TOKEN_EXPIRED:
+                    await ws.send_json(
+                        {"type": "error", "error": "unauthenticated", "message": TOKEN_EXPIRED}
+                    )
+                    await ws.close(code=4401, message=b"token expired")
+                    return
                 # The session moved or closed: the page shows why and asks the core again.
                 await ws.send_json({"type": "session_released", "message": closed.reason})
                 await ws.close(code=4409, message=b"session released")
                 return
             if dropped:
-                await ws.send_json({"type": "gap", "dropped_events": dropped})
-            for ev in events:
-                kind = ev.WhichOneof("event")
                 await ws.send_json(
                     {
-                        "type": kind,
-                        "edge_received_unix_ns": ev.edge_received_unix_ns,
-                        kind or "event": to_json(getattr(ev, kind)) if kind else {},
+                        "type": "gap",
+                        "dropped_events": dropped,
+                        "gap": {"dropped_events": dropped, "reason": "view fell behind"},
                     }
                 )
+            for ev in events:
+                if ev.HasField("batch"):
+                    seq = ev.batch.seq
+                    # seq 0 is the latest-values snapshot, not a published batch.
+                    if seq and (seq <= resume_after or seq in replayed):
+                        continue
+                await self._send(ws, ev)
+            # Every live copy of a replayed batch was queued before the replay ended.
+            replayed.clear()
 
     async def _pump_calls(self, ws: web.WebSocketResponse, session_id: str) -> None:
         while True:
@@ -201,7 +294,7 @@ class MediaHttp:
                 await asyncio.sleep(0.25)
                 continue
             sub: Subscriber[CallEvent] = Subscriber(64)
-            call.watch(sub)
+            call.watch(sub)  # the view's expiry ends the whole WebSocket
             try:
                 while True:
                     try:
@@ -214,4 +307,4 @@ class MediaHttp:
                             {"type": "call_" + kind, kind: to_json(getattr(ev, kind))}
                         )
             finally:
-                call.events.remove(sub)
+                call.unwatch(sub)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from edge_nodes.media.consultation import CLINICIAN, PATIENT
-from edge_nodes.media.consultations import Consultations
+from edge_nodes.media.consultations import TOKEN_EXPIRED, Consultations
 from edge_nodes.vitals.fanout import SubscriberClosed
-from telehealth.errors import FailedPrecondition, InvalidArgument
+from telehealth.errors import FailedPrecondition, InvalidArgument, Unauthenticated
 from telehealth.rpc import Context, token_from
 from telehealth.v1 import media_pb2, media_pb2_grpc, sessions_pb2
 
@@ -27,7 +27,11 @@ class MediaServicer(media_pb2_grpc.MediaServiceServicer):
                 "role must be ROLE_PUBLISHER (patient) or ROLE_VIEWER (clinician)"
             )
         call_id, answer, mode = await self._calls.negotiate(
-            token_from(context.invocation_metadata()), request.session_id, role, request.offer_sdp
+            token_from(context.invocation_metadata()),
+            request.session_id,
+            role,
+            request.offer_sdp,
+            remote=context.peer() or "",
         )
         return media_pb2.NegotiateMediaResponse(
             call_id=call_id,
@@ -59,8 +63,13 @@ class MediaServicer(media_pb2_grpc.MediaServiceServicer):
     async def WatchCall(
         self, request: media_pb2.WatchCallRequest, context: Context
     ) -> AsyncIterator[media_pb2.WatchCallResponse]:
+        # The call's state and the vision hints describe the patient: an audited read.
         claims = self._calls.authorize(
-            token_from(context.invocation_metadata()), request.session_id, (PATIENT, CLINICIAN)
+            token_from(context.invocation_metadata()),
+            request.session_id,
+            (PATIENT, CLINICIAN),
+            audit_as="media.watch",
+            peer=context.peer() or "",
         )
         call, sub = self._calls.watch(claims)
         try:
@@ -68,8 +77,10 @@ class MediaServicer(media_pb2_grpc.MediaServiceServicer):
                 try:
                     _, events = await sub.take()
                 except SubscriberClosed as closed:
+                    if closed.reason == TOKEN_EXPIRED:
+                        raise Unauthenticated(TOKEN_EXPIRED) from None
                     raise FailedPrecondition(f"call ended: {closed.reason}") from None
                 for ev in events:
                     yield ev
         finally:
-            call.events.remove(sub)
+            call.unwatch(sub)
