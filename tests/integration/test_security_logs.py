@@ -1,14 +1,18 @@
-"""Logs and metrics never carry tokens, passwords or raw vitals: run traffic, grep everything."""
+"""Logs and metrics never carry tokens, passwords or raw vitals: run traffic through core, edge
+and a real device agent (with a batch the edge must refuse), then grep every captured line."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 
 import aiohttp
 import grpc
 
+from clients.device import DeviceAgent, DeviceConfig
 from core_services.server import CoreServer
 from telehealth.rpc import bearer
 from telehealth.v1 import (
@@ -26,15 +30,43 @@ PASSWORD = "tr0ub4dor&3-horse-battery"
 # Distinctive readings: if they show up anywhere in logs or metrics, raw vitals leaked.
 ODD_HR = 123.456
 ODD_TEMP = 37.891
+# Impossible readings the edge must refuse: rejection messages quote what was wrong, and
+# those messages travel to logs on the edge and the device unless they are kept out.
+BAD_HR = 913.7
+BAD_SPO2 = 131.3
+# When a record was made: floats that could spell a needle by chance (…913.7… seconds).
+TIME_ATTRS = {"created", "msecs", "relativeCreated"}
 
 
 class Capture(logging.Handler):
+    """Every record of every logger, as everything it carries: message, arguments, extra
+    fields and any exception text."""
+
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.lines: list[str] = []
+        self.names: set[str] = set()
+        self._fmt = logging.Formatter()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(json.dumps(record.__dict__, default=str) + record.getMessage())
+        self.names.add(record.name)
+        fields = {k: v for k, v in record.__dict__.items() if k not in TIME_ATTRS}
+        self.lines.append(json.dumps(fields, default=str) + " " + self._fmt.format(record))
+
+
+class OneBadBatch(DeviceAgent):
+    """A device whose sensors send odd honest readings and one impossible batch."""
+
+    async def _produce(self, stop: asyncio.Event, duration_s: float) -> None:
+        await self.opened.wait()
+        t0 = time.time_ns()
+        for k in range(6):
+            b = self.make_batch(t0, k * 0.04, True)
+            v = b.vitals[0]
+            v.heart_rate_bpm, v.temperature_c = ODD_HR, ODD_TEMP
+            if k == 3:
+                v.heart_rate_bpm, v.spo2_percent = BAD_HR, BAD_SPO2
+            self.enqueue(b)
 
 
 async def test_no_tokens_passwords_or_vitals_in_logs_or_metrics(
@@ -74,7 +106,8 @@ async def test_no_tokens_passwords_or_vitals_in_logs_or_metrics(
         for b in batches:
             b.vitals[0].temperature_c = ODD_TEMP
         # A rejected batch too: rejection messages are logged.
-        bad_batch = make_batch(sid, 3, hr=900.0)
+        bad_batch = make_batch(sid, 3, hr=BAD_HR)
+        bad_batch.vitals[0].spo2_percent = BAD_SPO2
         got = [
             r
             async for r in vitals.Publish(
@@ -84,6 +117,13 @@ async def test_no_tokens_passwords_or_vitals_in_logs_or_metrics(
         assert got[-1].received_seq == 3
         assert (await sub.read()).HasField("batch")
         sub.cancel()
+        assert any(r.HasField("rejection") and r.rejection.seq == 3 for r in got)
+        # The device agent, in this process, logs what the edge tells it.
+        agent = OneBadBatch(DeviceConfig(core.address, "p-1", "zone-a", flush_timeout_s=20))
+        stats = await asyncio.wait_for(agent.run(asyncio.Event()), 60)
+        wm = await core.archive.archived_seq(agent.session_id)
+        rows = await core.archive.store.count(agent.session_id)
+        assert stats.rejected == 1 and agent.pending == 0, (wm, rows, stats)
         await eventually(lambda: edge.audit.shipped >= 1, what="audit shipped")
         metrics = ""
         async with aiohttp.ClientSession() as http:
@@ -106,8 +146,14 @@ async def test_no_tokens_passwords_or_vitals_in_logs_or_metrics(
         for needle in (value, value.rsplit(".", 1)[-1]):
             assert needle not in logs, f"{what} in logs"
             assert needle not in metrics, f"{what} in metrics"
-    for reading in ("123.456", "123.45", "37.891", "37.89"):
-        assert reading not in logs, f"raw vitals {reading} in logs"
+    sources = cap.names
+    # Core, edge and device all spoke, so "not found" means something.
+    assert any(n.startswith("core_services") for n in sources), sources
+    assert any(n.startswith("edge_nodes") for n in sources), sources
+    assert "device" in sources, sources  # clients.device logs as "device"
+    for reading in ("913.7", "131.3", "123.456", "123.45", "37.891", "37.89"):
+        leaked = [ln for ln in cap.lines if reading in ln]
+        assert not leaked, f"raw vitals {reading} in logs: {leaked[0][:400]}"
         assert reading not in metrics, f"raw vitals {reading} in metrics"
     # Metrics name sessions and patients nowhere (label cardinality and privacy alike).
     assert "p-1" not in metrics
