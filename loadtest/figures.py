@@ -25,6 +25,16 @@ def is_generator_bound(row: dict[str, Any]) -> bool:
     return bool(row.get("generator_bound", {}).get("bound"))
 
 
+# A failing level is not the system's ceiling when other processes took this much of its CPU.
+CONTENDED_PERCENT = 25.0
+
+
+def sut_contended(row: dict[str, Any]) -> float:
+    """Percent of the system-under-test CPU other processes used in the row (0 if unknown)."""
+    others = row.get("cpu_contention", {}).get("sut_cpus", {}).get("others_percent", 0.0)
+    return float(others) if others >= CONTENDED_PERCENT else 0.0
+
+
 def lower_bound(row: dict[str, Any], key: str) -> bool:
     return bool(row.get("latency_lower_bound", {}).get(key))
 
@@ -64,6 +74,7 @@ def max_sustainable(rows: Sequence[dict[str, Any]], label: str) -> dict[str, Any
     best = max(passing, key=lambda r: r["target_batches_per_s"], default=None)
     fail_attempts = [r for r in failed if first_fail and r["patients"] == first_fail["patients"]]
     gen_bound_fail = any(is_generator_bound(r) for r in fail_attempts)
+    contended = max((sut_contended(r) for r in fail_attempts), default=0.0)
     if best is None:
         kind, why = "none", "no step passed"
     elif first_fail is None:
@@ -72,6 +83,12 @@ def max_sustainable(rows: Sequence[dict[str, Any]], label: str) -> dict[str, Any
         kind, why = (
             "lower_bound",
             f"the first failing level ({first_fail['patients']} patients) was generator-bound",
+        )
+    elif contended:
+        kind, why = (
+            "lower_bound",
+            f"at the first failing level ({first_fail['patients']} patients) other processes "
+            f"used {contended:.0f}% of the system-under-test CPU",
         )
     else:
         kind, why = "ceiling", "the next level failed with the generator keeping up"

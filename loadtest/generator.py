@@ -52,6 +52,9 @@ GENERATOR_BOUND_CPU = 85.0
 GENERATOR_BOUND_LOOP_LAG_MS = 5.0
 LOOP_LAG_SHARE = 0.1
 LOOP_PROBE_S = 0.010
+# The edge's responsiveness: a health check this often during a step, given up after this.
+HEALTH_PROBE_S = 0.1
+HEALTH_TIMEOUT_S = 5.0
 # After the send window's end, a write still blocked this long is abandoned (its stream reset).
 WRITE_GRACE_S = 1.0
 
@@ -83,6 +86,8 @@ class GeneratorSpec:
     viewer_key_dir: str = ""
     pids: dict[str, int] = field(default_factory=dict)
     cpus: list[int] = field(default_factory=list)
+    # The system under test's CPUs (to see what else ran on them).
+    sut_cpus: list[int] = field(default_factory=list)
     progress: str = "lines"
     run_id: str = "run"
     # Saturation search: after the steps, bisect between the last passing and first failing.
@@ -155,6 +160,9 @@ class Swarm:
     async def server_counters(self) -> dict[str, float]:
         """What the system under test says about itself (scraped, read-only), if it can."""
         return {}
+
+    async def probe_server(self, rec: StepRecorder) -> None:
+        """Time health checks on the system under test until cancelled (gRPC servers only)."""
 
     async def close(self) -> None: ...
 
@@ -467,6 +475,7 @@ class EdgeSwarm(_GrpcSwarm):
         super().__init__(spec)
         self.viewer_tokens = ""
         self._issuer: Any = None
+        self.edge_address = ""
 
     async def setup(self) -> None:
         import grpc
@@ -488,7 +497,8 @@ class EdgeSwarm(_GrpcSwarm):
             )
             p = self.new_patient(i, r.session.session_id, publisher_token=r.assignment.token)
             edge_addresses.add(r.assignment.edge_address)
-            if i < self.spec.watched:
+            # Video calls need a clinician's token too, watched for vitals or not.
+            if i < max(self.spec.watched, self.spec.video_calls):
                 p.viewer_token = await self._viewer_token(stub, r)
             return p
 
@@ -502,7 +512,8 @@ class EdgeSwarm(_GrpcSwarm):
                 f"[{self.spec.label}] note: sessions placed on {len(edge_addresses)} edges",
                 file=sys.stderr,
             )
-        self._pool(sorted(edge_addresses)[0])
+        self.edge_address = sorted(edge_addresses)[0]
+        self._pool(self.edge_address)
         self.stub = stub
 
     async def _viewer_token(self, stub: Any, opened: Any) -> str:
@@ -582,6 +593,32 @@ class EdgeSwarm(_GrpcSwarm):
         except OSError as e:
             self.note_error("metrics scrape", e)
             return {}
+
+    async def probe_server(self, rec: StepRecorder) -> None:
+        """Every HEALTH_PROBE_S a grpc.health.v1 Check on the edge, on a connection of its
+        own (so the vitals streams' flow control does not hold it up): the edge's event loop
+        answers it, so its round trip shows how responsive the edge is under the load."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        from telehealth.rpc import channel_options
+
+        async with grpc.aio.insecure_channel(
+            self.edge_address, options=[*channel_options(), ("grpc.channel_id", -1)]
+        ) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            clock = time.perf_counter_ns
+            while True:
+                t = clock()
+                try:
+                    await stub.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S)
+                    rec.server_rtt.add(max(1, (clock() - t) // 1000))
+                except grpc.aio.AioRpcError as e:
+                    if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise
+                    rec.server_rtt_timeouts += 1
+                    rec.server_rtt.add(int(HEALTH_TIMEOUT_S * 1e6))
+                await asyncio.sleep(HEALTH_PROBE_S)
 
     async def close(self) -> None:
         from telehealth.v1 import sessions_pb2
@@ -967,6 +1004,16 @@ def step_result(
     }
 
 
+def video_text(v: dict[str, Any]) -> str:
+    if not v.get("calls"):
+        return "no calls" + (f" ({v['error']})" if v.get("error") else "")
+    lat = v["latency_ms"]
+    return (
+        f"{v['calls']} call(s) fps min {v['fps_min']:.1f}, glass-to-glass p50 "
+        f"{lat.get('p50', 0.0):.1f} ms p95 {lat.get('p95', 0.0):.1f} ms"
+    )
+
+
 def step_passes(result: dict[str, Any], p99_limit_ms: float) -> bool:
     """Sustainable: p99 under the limit, every batch sent, and every one delivered."""
     not_sent = result.get("not_sent", result["scheduled"] - result["sent"])
@@ -1053,8 +1100,22 @@ async def run(spec: GeneratorSpec) -> dict[str, Any]:
         asyncio.create_task(probe_loop_lag(lambda: swarm.current, stop)),
     ]
     setup_s = 0.0
+    calls = None
     try:
         await _wait_subscribed(swarm, want)
+        if spec.video_calls and isinstance(swarm, EdgeSwarm):
+            from loadtest.calls import VideoCalls
+
+            calls = VideoCalls(
+                swarm.edge_address,
+                [
+                    {"session_id": p.session_id, "publisher_token": p.publisher_token,
+                     "viewer_token": p.viewer_token}
+                    for p in swarm.patients[: spec.video_calls]
+                ],
+                spec.label,
+            )  # fmt: skip
+            await calls.start()
         setup_s = time.monotonic() - t_setup
         steps = list(spec.steps)
         planned = len(steps)
@@ -1064,7 +1125,7 @@ async def run(spec: GeneratorSpec) -> dict[str, Any]:
         i = 0
         while i < len(steps) and i < 64:
             step = steps[i]
-            res = await _one_step(swarm, spec, i, step, pids, rss)
+            res = await _one_step(swarm, spec, i, step, pids, rss, calls)
             # Steps added by the search are marked so reports can tell them apart.
             res["bisect"] = i >= planned
             results.append(res)
@@ -1105,6 +1166,8 @@ async def run(spec: GeneratorSpec) -> dict[str, Any]:
     finally:
         stop.set()
         await asyncio.gather(*background, return_exceptions=True)
+        if calls is not None:
+            await calls.close()
         await swarm.close()
     first_ramp = spec.steps[0].ramp_s if spec.steps else 0.0
     return {
@@ -1130,8 +1193,9 @@ async def _one_step(
     step: StepSpec,
     pids: dict[str, int],
     rss: list[tuple[float, dict[str, float]]],
+    calls: Any = None,
 ) -> dict[str, Any]:
-    from loadtest.host import cpu_between, sample
+    from loadtest.host import contention, cpu_between, cpu_busy, sample
 
     await swarm.open_streams(step.patients)  # new streams for any reset in the last step
     t0 = time.perf_counter_ns() + 200_000_000  # a little time to create the senders
@@ -1141,25 +1205,45 @@ async def _one_step(
     drops0 = await swarm.read_drops()
     counters0 = await swarm.server_counters()
     before = {name: sample(pid) for name, pid in pids.items()}
+    busy0 = cpu_busy()
     wall0 = time.monotonic()
     rss_from = len(rss)
     progress = Progress(spec.label, spec.progress)
     ptask = asyncio.create_task(progress.run(swarm, rec, step.duration_s))
+    probe = asyncio.create_task(swarm.probe_server(rec))
     try:
         await swarm.run_step(rec, step)
+        send_window = (wall0 + 0.2 + step.ramp_s, time.monotonic())
         counters_send_end = await swarm.server_counters()
         await swarm.wait_delivered(rec)
         swarm.finish_step(rec, time.perf_counter_ns())
     finally:
         ptask.cancel()
-        await asyncio.gather(ptask, return_exceptions=True)
+        probe.cancel()
+        for outcome in await asyncio.gather(ptask, probe, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                swarm.note_error("health probe", outcome)
         progress.done()
     wall = time.monotonic() - wall0
     after = {name: sample(pid) for name, pid in pids.items()}
+    busy1 = cpu_busy()
     cpu = {name: cpu_between(before[name], after[name], wall) for name in pids}
+    sut_own = sum(v["cpu_percent"] for k, v in cpu.items() if k != "generator")
+    shared = {
+        "sut_cpus": contention(busy0, busy1, wall, spec.sut_cpus, sut_own),
+        "generator_cpus": contention(
+            busy0, busy1, wall, spec.cpus, cpu["generator"]["cpu_percent"]
+        ),
+    }
     drops = (await swarm.read_drops()) - drops0
     server = server_figures(rec.sent, counters0, counters_send_end, await swarm.server_counters())
+    if rec.server_rtt.count():
+        server["health_check_rtt_ms"] = rec.server_rtt.percentiles_ms()
+        server["health_check_timeouts"] = rec.server_rtt_timeouts
     res = step_result(rec, step, wall, drops, cpu, rss[rss_from:], server)
+    res["cpu_contention"] = shared
+    if calls is not None:
+        res["video"] = calls.window(*send_window)
     lat, lb = res["latency_ms"], res["latency_lower_bound"]
     ge = {k: ">=" if lb.get(k) else "" for k in lat}
     gb = res["generator_bound"]
@@ -1167,7 +1251,8 @@ async def _one_step(
         f"[{spec.label}] {step.patients} patients: sent {rec.sent}/{rec.scheduled}, delivered "
         f"{rec.delivered}/{rec.expected}, late {rec.late}, p50 {ge['p50']}{lat['p50']:.2f} ms, "
         f"p99 {ge['p99']}{lat['p99']:.2f} ms, max {ge['max']}{lat['max']:.1f} ms, drops {drops}"
-        + (f"; GENERATOR-BOUND ({'; '.join(gb['reasons'])})" if gb["bound"] else ""),
+        + (f"; GENERATOR-BOUND ({'; '.join(gb['reasons'])})" if gb["bound"] else "")
+        + (f"; video {video_text(res['video'])}" if "video" in res else ""),
         file=sys.stderr,
         flush=True,
     )

@@ -9,6 +9,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,31 @@ def cpu_between(a: CpuSample | None, b: CpuSample | None, wall_s: float) -> dict
         "system_s": round(system, 3),
         "cpu_percent": round(100 * (user + system) / wall_s, 1),
         "rss_mib": round(b.rss_bytes / 2**20, 1),
+    }
+
+
+def cpu_busy() -> list[float]:
+    """Busy seconds (everything but idle and iowait) per CPU since boot."""
+    return [sum(t) - t.idle - getattr(t, "iowait", 0.0) for t in psutil.cpu_times(percpu=True)]
+
+
+def contention(
+    before: Sequence[float],
+    after: Sequence[float],
+    wall_s: float,
+    cpus: Sequence[int],
+    own_percent: float,
+) -> dict[str, float]:
+    """How busy `cpus` were over a window, and how much of that was not our processes'
+    (`own_percent`, 100 = one core): on a shared machine, other work on the system-under-test
+    CPU slows the system, and on the generator's CPU delays the generator."""
+    if wall_s <= 0 or not cpus:
+        return {"busy_percent": 0.0, "others_percent": 0.0}
+    busy = sum(after[c] - before[c] for c in cpus if c < len(after) and c < len(before))
+    busy_pct = 100 * busy / wall_s
+    return {
+        "busy_percent": round(busy_pct, 1),
+        "others_percent": round(max(0.0, busy_pct - own_percent), 1),
     }
 
 

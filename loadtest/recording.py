@@ -147,6 +147,10 @@ class StepRecorder:
         self.send_lag = Hist(2)
         # How late the generator's event loop ran a 10 ms timer: its own busyness alone.
         self.loop_lag = Hist(2)
+        # Round trip of a health check on the system under test during the step (its event
+        # loop serves those too: a busy or stalled server answers late).
+        self.server_rtt = Hist(2)
+        self.server_rtt_timeouts = 0
         self.sent_by_s: dict[int, int] = {}
         self.delivered_by_s: dict[int, int] = {}
         self.p99_by_s: dict[int, float] = {}

@@ -93,6 +93,10 @@ class Goal:
         }
 
 
+# Other processes on a pinned CPU worth a note (the machine is shared).
+OTHERS_NOTE_PERCENT = 15.0
+
+
 def row_notes(r: dict[str, Any]) -> str:
     """What qualifies a row: generator-bound, or the edge falling behind (its own counters)."""
     notes = []
@@ -101,6 +105,18 @@ def row_notes(r: dict[str, Any]) -> str:
     unread = r.get("server", {}).get("unread_at_send_end", 0)
     if unread:
         notes.append(f"edge had not read {unread:.0f} when sending stopped")
+    shared = r.get("cpu_contention", {})
+    for which, what in (("sut_cpus", "SUT"), ("generator_cpus", "generator")):
+        others = shared.get(which, {}).get("others_percent", 0.0)
+        if others >= OTHERS_NOTE_PERCENT:
+            notes.append(f"other processes used {others:.0f}% of the {what} CPU")
+    hc = r.get("server", {}).get("health_check_rtt_ms", {})
+    if hc.get("p99", 0.0) > r.get("late_ms", 50.0):
+        notes.append(f"edge answered health checks in p99 {fmt_ms(hc['p99'])} ms")
+    if r.get("video"):
+        from loadtest.generator import video_text
+
+        notes.append(f"with video: {video_text(r['video'])}")
     return "; ".join(notes)
 
 
@@ -314,7 +330,9 @@ STANDARD_NOTES = (
     "sending stopped' means N batches were written but still queued in HTTP/2 flow-control "
     "windows and socket buffers: the edge falling behind without signalling it.",
     "CPU % is process CPU time over the step's wall time (100% = one core); SUT CPU sums the "
-    "system-under-test processes (core + edge, echo, or mosquitto).",
+    "system-under-test processes (core + edge, echo, or mosquitto). cpu_contention per row is "
+    "how busy the pinned CPUs were and how much of that was other processes (the machine is "
+    "shared): a note says so from 15%, since it slows the system or delays the generator.",
 )
 
 

@@ -201,6 +201,7 @@ def specs_for(
                 viewer_key_dir=t.key_dir,
                 pids=t.pids,
                 cpus=sorted(pinning.generator),
+                sut_cpus=sorted(pinning.sut) if pinning.separated else [],
                 progress=progress,
                 run_id=run_id,
                 p99_limit_ms=sc.p99_limit_ms if sc.steps else 0.0,

@@ -183,6 +183,13 @@ def test_a_generator_bound_failure_makes_the_maximum_a_lower_bound_and_the_ratio
                                     "kernel": "k", "python": "3", "packages": {},
                                     "mosquitto": "2", "loadavg_start": [0.1]}}, ramp_rows)  # fmt: skip
     assert "echo ≥1000" in body and "≤50%" in body
+    # A failure while other processes took the SUT's CPU is not its ceiling either.
+    shared = rows_of([_result("edge", [_step(20, [1000]), _step(40, [90_000])])])
+    shared[1]["cpu_contention"] = {"sut_cpus": {"busy_percent": 100.0, "others_percent": 60.0}}
+    for r in shared:
+        r["passes"] = step_passes(r, 50.0)
+    m = max_sustainable(shared, "edge")
+    assert m["kind"] == "lower_bound" and "60% of the system-under-test CPU" in m["why"]
     # A ramp that never failed: a lower bound too.
     never = rows_of([_result("edge", [_step(20, [1000])])])
     never[0]["passes"] = True
