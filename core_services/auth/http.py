@@ -32,7 +32,10 @@ COOKIE = "telehealth_session"
 # The __Host- prefix (https only) pins the cookie to exactly this host: no Domain, Path=/.
 SECURE_COOKIE = "__Host-telehealth_session"
 MAX_LOGIN_BODY = 4096
-OPEN_PATHS = frozenset({"/metrics", "/healthz", "/login", "/api/v1/login", "/api/v1/logout"})
+OPEN_PATHS = frozenset(
+    # /join and /api/v1/join: the patient's invite link, checked by its session token.
+    {"/metrics", "/healthz", "/login", "/api/v1/login", "/api/v1/logout", "/join", "/api/v1/join"}
+)
 OPEN_PREFIXES = ("/static/",)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 

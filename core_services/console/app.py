@@ -6,6 +6,7 @@ data is written to the audit log through the AccessPolicy the gRPC side uses."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,13 @@ from core_services.auth.http import caller, peer
 from core_services.edges.registry import EdgeRegistry
 from core_services.sessions.directory import SessionDirectory
 from core_services.sessions.domain import LiveReport, Session, SessionState
-from telehealth.errors import DomainError, ErrorCode, PermissionDenied
+from telehealth.errors import (
+    DomainError,
+    ErrorCode,
+    InvalidArgument,
+    PermissionDenied,
+    Unavailable,
+)
 from telehealth.security.tokens import UserClaims
 
 STATIC = Path(__file__).parent / "static"
@@ -28,7 +35,10 @@ HTTP_STATUS = {
     ErrorCode.PERMISSION_DENIED: 403,
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.FAILED_PRECONDITION: 409,
+    ErrorCode.RESOURCE_EXHAUSTED: 429,
 }
+# /api/v1/join answers the patient page from an edge's origin; the token is in the body.
+CORS = {"Access-Control-Allow-Origin": "*"}
 
 
 class Console:
@@ -44,6 +54,9 @@ class Console:
         app.router.add_get("/console/api/ward", self.ward)
         app.router.add_post("/console/api/sessions/{session_id}/attach", self.attach)
         app.router.add_post("/console/api/sessions/{session_id}/invite", self.invite)
+        # The patient's way in (open paths: the session token is the credential).
+        app.router.add_get("/join", self.join_page)
+        app.router.add_post("/api/v1/join", self.join)
         app.router.add_static("/static/console/", STATIC, append_version=False)
 
     async def page(self, _: web.Request) -> web.FileResponse:
@@ -132,20 +145,80 @@ class Console:
             return _error(e)
 
     async def invite(self, request: web.Request) -> web.Response:
-        """The patient's invite link: the edge's patient page with a publisher token.
+        """The patient's invite link: the core's /join page with a publisher token.
 
-        The token travels in the URL fragment, which browsers never send to servers, so it
-        does not end up in access logs.
+        The link names the core, not an edge: /join asks where the session lives now and
+        sends the patient's browser on to that edge's patient page, so a link still works
+        after the session moved, and the page itself comes back through /join to rejoin
+        after a move. The token travels in the URL fragment, which browsers never send to
+        servers, so it does not end up in access logs.
         """
         try:
             a = await self._assign(request, "publisher", "console.invite")
         except DomainError as e:
             return _error(e)
-        link = f"{a['edge_http']}/patient#session={a['session_id']}&token={a['token']}"
+        link = f"{_origin(request)}/join#session={a['session_id']}&token={a['token']}"
         return web.json_response({"link": link, "expires_unix_ms": a["expires_unix_ms"]})
 
+    async def join_page(self, _: web.Request) -> web.FileResponse:
+        return web.FileResponse(
+            STATIC / "join.html",
+            headers={"X-Frame-Options": "DENY", "Cache-Control": "no-store"},
+        )
 
-def _error(e: DomainError) -> web.Response:
+    async def join(self, request: web.Request) -> web.Response:
+        """POST {"session_id", "token"} (the patient's current publisher token) -> where the
+        session lives now and a fresh publisher token for it, as the patient page's link.
+
+        The body may come as text/plain, so the patient page (on an edge's origin) can renew
+        its token here without a CORS preflight; no cookie is involved, so any origin may.
+        """
+        try:
+            try:
+                body = json.loads(await request.text() or "{}")
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise InvalidArgument(f"body must be JSON: {e}") from None
+            if not isinstance(body, dict) or not isinstance(body.get("session_id"), str):
+                raise InvalidArgument('body needs "session_id" and "token" as strings')
+            sid = body["session_id"]
+            token = body.get("token")
+            claims = self._policy.verifier.verify(
+                token if isinstance(token, str) else None, session_id=sid, roles=("publisher",)
+            )
+            s, a = await self._directory.attach(claims.session_id, "publisher")
+        except DomainError as e:
+            return _error(e, CORS)
+        edge_http = self._edge_http(s)
+        if not edge_http:
+            return _error(
+                Unavailable(f"session {sid} has no reachable edge right now; try again"), CORS
+            )
+        link = f"{edge_http}/patient#session={sid}&token={a.token}&join={_origin(request)}/join"
+        return web.json_response(
+            {
+                "session_id": sid,
+                "edge_id": a.edge_id,
+                "edge_http": edge_http,
+                "token": a.token,
+                "expires_unix_ms": a.expires_unix_ns // 1_000_000,
+                "link": link,
+            },
+            headers=CORS,
+        )
+
+
+def _origin(request: web.Request) -> str:
+    """Where browsers reach this core: the page's own origin when the browser says it (the
+    console's fetch does; behind a proxy it is the public one), else this request's."""
+    origin = request.headers.get("Origin", "")
+    if origin.startswith(("http://", "https://")):
+        return origin.rstrip("/")
+    return str(request.url.origin())
+
+
+def _error(e: DomainError, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response(
-        {"error": e.code.value, "message": e.message}, status=HTTP_STATUS.get(e.code, 400)
+        {"error": e.code.value, "message": e.message},
+        status=HTTP_STATUS.get(e.code, 400),
+        headers=headers,
     )

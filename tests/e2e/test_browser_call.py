@@ -143,10 +143,12 @@ async def test_patient_page_and_console_see_each_other_through_the_edge(
             link = await eventually(
                 lambda: console.evaluate("window.telehealth.inviteLink"), 10, "invite link"
             )
-            assert link.startswith(edge.media.http_url + "/patient#session=" + sid)
+            # The link names the core (stable across moves), which sends the page to the edge.
+            assert link.startswith(core.http.url + "/join#session=" + sid)
 
             page = await patient.new_page()
             await page.goto(link + "&autojoin=1")
+            await page.wait_for_url(edge.media.http_url + "/patient#**")
             await eventually(
                 lambda: page.evaluate("window.telehealth.connected"), 30, "patient connected"
             )

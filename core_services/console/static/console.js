@@ -63,10 +63,10 @@ async function loadWard() {
     const moved = p.row && p.row.edge_id !== row.edge_id;
     p.row = row;
     if (!p.news2 && row.news2_band) p.news2 = { total: row.news2_total, band: row.news2_band, at: Date.now() - (row.news2_age_s || 0) * 1000 };
-    if (!p.ws || moved) connectVitals(row.session_id, p, moved);
+    if ((!p.ws && !p.connecting) || moved) connectVitals(row.session_id, p, moved);
   }
   for (const [sid, p] of patients) {
-    if (!seen.has(sid)) { if (p.ws) p.ws.close(); patients.delete(sid); }
+    if (!seen.has(sid)) { if (p.ws) { p.ws.onclose = null; p.ws.close(); } clearTimeout(p.refresh); patients.delete(sid); }
   }
   renderWard();
 }
@@ -109,27 +109,76 @@ async function attach(sid) {
   return body;
 }
 
-async function connectVitals(sid, p, moved) {
-  if (p.ws) { p.ws.onclose = null; p.ws.close(); }
-  p.ws = "connecting";
+// One live view per patient, straight from the session's edge. A new view replaces the old
+// one make-before-break: it resumes after the last batch seen (the edge replays what came
+// since, so nothing is lost or shown twice), and the old one closes when the new one is in.
+// That happens when the session moves to another edge, and before the view's token expires.
+async function connectVitals(sid, p, moved, awayFrom, tries = 0) {
+  if (p.connecting) return;
+  p.connecting = true;
   let a;
-  try { a = await attach(sid); } catch (e) { p.ws = null; return; }
+  try { a = await attach(sid); } catch (e) { p.connecting = false; return; }
+  p.connecting = false;
+  if (!patients.has(sid)) return;
+  if (awayFrom && a.edge_http === awayFrom) {
+    // Told the session is moving, but the core still names this edge: the switch comes
+    // within seconds; the old view goes on meanwhile.
+    if (tries < 30) setTimeout(() => connectVitals(sid, p, moved, awayFrom, tries + 1), 1000);
+    return;
+  }
+  const movedEdge = p.edgeHttp && p.edgeHttp !== a.edge_http;
   p.edgeHttp = a.edge_http;
   p.token = a.token;
+  const old = p.ws;
   const ws = new WebSocket(a.edge_http.replace(/^http/, "ws") + "/media/ws");
-  p.ws = ws;
-  ws.onopen = () => ws.send(JSON.stringify({ session_id: sid, token: a.token }));
-  ws.onmessage = (m) => onVitals(sid, p, JSON.parse(m.data));
+  ws.onopen = () => ws.send(JSON.stringify({ session_id: sid, token: a.token, resume_after_seq: p.lastSeq || 0 }));
+  ws.onmessage = (m) => {
+    const msg = JSON.parse(m.data);
+    if (msg.type === "welcome") {
+      // The new view is in: the old one can go, and this one is renewed before it expires.
+      if (old && old !== ws) { old.onclose = null; old.close(); }
+      p.ws = ws;
+      state.views = (state.views || 0) + 1;
+      clearTimeout(p.refresh);
+      const left = (msg.token_expires_unix_ms || a.expires_unix_ms) - Date.now();
+      p.refresh = setTimeout(() => connectVitals(sid, p, false), Math.max(1000, (left * 2) / 3));
+    }
+    if (p.ws === ws || msg.type === "welcome") onVitals(sid, p, msg, ws);
+  };
   ws.onclose = (e) => {
-    if (p.ws !== ws) return;
-    p.ws = null; // the next ward refresh re-attaches (and finds a moved session's new edge)
+    if (p.ws !== ws && p.ws) return;
+    p.ws = null;
+    // Expired or released (moved): view again at once, resuming; otherwise the next ward
+    // refresh re-attaches (and finds a moved session's new edge).
+    if (e.code === 4401 || e.code === 4409) connectVitals(sid, p, e.code === 4409);
     if (e.code === 4409 && open === sid) banner("The session moved to another edge; reconnecting…", "info");
   };
-  if (moved && open === sid) { banner("The session moved to edge " + a.edge_id + "; reconnecting the call…", "info"); if (call) restartCall(); }
+  if (!old) p.ws = ws; // the first view: nothing to replace
+  if ((moved || movedEdge) && open === sid) {
+    banner("The session moved to edge " + a.edge_id + "; reconnecting the call…", "info");
+    if (call && call.edgeHttp !== a.edge_http) restartCall();
+  }
 }
 
-function onVitals(sid, p, msg) {
+function onVitals(sid, p, msg, ws) {
   const now = Date.now();
+  if (msg.type === "batch" && msg.batch.seq) {
+    // Views overlap for a moment when one replaces another: each batch is shown once.
+    const seq = Number(msg.batch.seq);
+    if (seq <= (p.lastSeq || 0)) return;
+    p.lastSeq = seq;
+  }
+  if (msg.type === "moving") {
+    // Make-before-break: the old edge keeps serving until the new view is in.
+    state.moves = (state.moves || 0) + 1;
+    if (open === sid) banner("The session is moving to edge " + msg.moving.new_edge_id + "; reconnecting…", "info");
+    connectVitals(sid, p, true, p.edgeHttp);
+    return;
+  }
+  if (msg.type === "gap" && msg.gap && msg.gap.first_missing_seq) {
+    // This edge does not hold those readings (the archive does): the trend shows a hole.
+    p.gaps = (p.gaps || 0) + 1;
+  }
   if (msg.type === "batch") {
     for (const v of msg.batch.vitals || []) {
       for (const k of ["heart_rate_bpm", "spo2_percent", "respiration_rate_bpm", "systolic_mmhg", "diastolic_mmhg", "temperature_c"]) {
@@ -338,6 +387,7 @@ async function startCall() {
     await pc.setRemoteDescription({ type: "answer", sdp: body.sdp });
     call = { pc, stream, sid, edgeHttp: a.edge_http, token: a.token, callId: body.call_id, last: null };
     state.callId = body.call_id;
+    if (state.callState) onCallState(state.callState); // the mode label at once, not at the next change
     for (const id of ["mute", "camera", "hangup"]) $(id).disabled = false;
   } catch (e) {
     state.errors.push(String(e.message || e));

@@ -5,11 +5,14 @@
 
 const params = new URLSearchParams(location.hash.slice(1));
 const sessionId = params.get("session") || "";
-const token = params.get("token") || "";
+let token = params.get("token") || "";
+// The core's /join page this page came through: it knows where the session lives after a
+// move and renews the token (absent when opened with an edge link directly).
+const joinUrl = params.get("join") || "";
 const $ = (id) => document.getElementById(id);
 
 // Exposed for people debugging a call and for the browser tests.
-const state = (window.telehealth = { role: "publisher", connected: false, mode: "", hint: "", callId: "", errors: [] });
+const state = (window.telehealth = { role: "publisher", connected: false, mode: "", hint: "", callId: "", errors: [], rejoining: false });
 
 let pc = null;
 let localStream = null;
@@ -28,19 +31,73 @@ function showHint(h) {
   el.classList.toggle("good", h.kind === "VISION_HINT_KIND_GOOD");
 }
 
+let wsFailures = 0;
+let refreshTimer = null;
+
 function connectVitals() {
   const url = location.origin.replace(/^http/, "ws") + "/media/ws";
-  ws = new WebSocket(url);
-  ws.onopen = () => ws.send(JSON.stringify({ session_id: sessionId, token }));
-  ws.onmessage = (m) => {
+  const sock = new WebSocket(url);
+  ws = sock;
+  sock.onopen = () => sock.send(JSON.stringify({ session_id: sessionId, token }));
+  sock.onmessage = (m) => {
     const msg = JSON.parse(m.data);
-    if (msg.type === "batch") for (const v of msg.batch.vitals || []) takeReading(v);
+    if (msg.type === "welcome") { wsFailures = 0; scheduleRefresh(msg.token_expires_unix_ms); }
+    else if (msg.type === "batch") for (const v of msg.batch.vitals || []) takeReading(v);
     else if (msg.type === "call_hint") showHint(msg.hint);
     else if (msg.type === "call_state") onCallState(msg.state);
+    else if (msg.type === "moving" || msg.type === "session_released") rejoin("Your appointment is moving to another server. Reconnecting you…", true);
+    else if (msg.type === "error" && msg.error === "unauthenticated" && /expired/.test(msg.message)) refreshToken();
     else if (msg.type === "error") { state.errors.push(msg.message); say("This link does not work any more: " + msg.message); }
-    else if (msg.type === "session_released") say("Your appointment moved. Please open your invite link again.");
   };
-  ws.onclose = (e) => { if (e.code < 4000) setTimeout(connectVitals, 2000); };
+  sock.onclose = (e) => {
+    if (ws !== sock || state.rejoining) return;
+    if (e.code === 4401) return; // token expired: refreshToken() reconnects
+    if (e.code >= 4000 && e.code !== 4409) return; // refused: the message says why
+    // The edge went away (or let the session go): after two failed tries ask the core
+    // where the session lives now.
+    wsFailures += 1;
+    if (e.code === 4409 || wsFailures > 2) rejoin("We lost the connection to your appointment. Reconnecting you…");
+    else setTimeout(connectVitals, 2000);
+  };
+}
+
+// Through the core's /join page: it finds the session's edge now and brings this page back
+// there, joining the call again by itself when it was in one.
+function rejoin(message, moving) {
+  if (state.rejoining) return;
+  if (!joinUrl) { say("Your appointment moved. Please open your invite link again."); return; }
+  state.rejoining = true;
+  say(message);
+  const inCall = pc !== null;
+  if (inCall) leave(true);
+  // "away": the core may name this edge for a moment more during a move; /join then waits.
+  const away = moving ? "&away=" + encodeURIComponent(location.origin) : "";
+  location.replace(`${joinUrl}#session=${encodeURIComponent(sessionId)}&token=${encodeURIComponent(token)}${inCall ? "&autojoin=1" : ""}${away}`);
+}
+
+// Renew the token at two thirds of its life, from the core (no page reload, the call goes on).
+function scheduleRefresh(expiresMs) {
+  if (refreshTimer) clearTimeout(refreshTimer);
+  if (!joinUrl || !expiresMs) return;
+  const left = expiresMs - Date.now();
+  refreshTimer = setTimeout(refreshToken, Math.max(1000, (left * 2) / 3));
+}
+
+async function refreshToken() {
+  if (!joinUrl || state.rejoining) return;
+  const api = new URL(joinUrl).origin + "/api/v1/join";
+  let r, body;
+  try {
+    r = await fetch(api, { method: "POST", headers: { "Content-Type": "text/plain" }, body: JSON.stringify({ session_id: sessionId, token }) });
+    body = await r.json();
+  } catch (e) { setTimeout(refreshToken, 5000); return; }
+  if (!r.ok) { state.errors.push(body.message); say("Your appointment link has expired. Please ask your clinic for a new one."); return; }
+  token = body.token;
+  state.tokenRefreshed = (state.tokenRefreshed || 0) + 1;
+  if (new URL(body.edge_http).origin !== location.origin) { rejoin("Your appointment moved. Reconnecting you…"); return; }
+  const old = ws;
+  connectVitals();
+  if (old) { old.onclose = null; old.close(); }
 }
 
 function takeReading(v) {
@@ -160,14 +217,15 @@ function toggle(kind, button, onText, offText) {
   button.textContent = track.enabled ? onText : offText;
 }
 
-async function leave() {
+function leave(quiet) {
   if (state.callId) {
     navigator.sendBeacon(`/media/sessions/${encodeURIComponent(sessionId)}/calls/${state.callId}/hangup`, JSON.stringify({ token }));
+    state.callId = "";
   }
   if (pc) pc.close();
   pc = null;
   if (localStream) localStream.getTracks().forEach((t) => t.stop());
-  say("Call ended. You can close this page.");
+  if (quiet !== true) say("Call ended. You can close this page.");
   for (const id of ["mute", "camera", "leave"]) $(id).hidden = true;
 }
 
@@ -181,8 +239,8 @@ state.remoteWidth = () => $("remote-video").videoWidth;
 $("join").onclick = join;
 $("mute").onclick = (e) => toggle("audio", e.currentTarget, "Mute microphone", "Unmute microphone");
 $("camera").onclick = (e) => toggle("video", e.currentTarget, "Turn camera off", "Turn camera on");
-$("leave").onclick = leave;
-window.addEventListener("pagehide", leave);
+$("leave").onclick = () => leave();
+window.addEventListener("pagehide", () => leave(true));
 
 if (!sessionId || !token) {
   say("This page needs the invite link your clinic sent you.");
