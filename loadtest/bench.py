@@ -250,10 +250,14 @@ def readme_body(report: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
         r = figs["max_sustainable_edge_to_echo_ratio"]
         lines[-1] += (
             f" Edge/echo: {fmt_ratio(r)}"
-            + (" (≤: the echo figure is only a lower bound)" if r["bound"] == "upper_bound" else "")
+            + (
+                " (≤: the echo figure is only a lower bound)"
+                if isinstance(r, dict) and r["bound"] == "upper_bound"
+                else ""
+            )
             + "."
         )
-    bound_rows = [r["name"] for r in rows if is_generator_bound(r)]
+    bound_rows = [r["name"] for r in report.get("runs", rows) if is_generator_bound(r)]
     if bound_rows:
         lines.append(
             "Generator-bound rows (the load generator, not the system, was the limit; not "
@@ -301,11 +305,15 @@ def readme_body(report: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
 
 def _sustainable_text(label: str, v: dict[str, Any]) -> str:
     n = v["patients"]
-    kind = {"ceiling": "ceiling", "lower_bound": f"at least: {v['why']}", "none": v["why"]}
-    return (
-        f"{label} {fmt_sustainable(v)} ({n} patient{'s' * (n != 1)}; "
-        f"{kind.get(v.get('kind', 'ceiling'), '')})"
-    )
+    kind = v.get("kind", "unknown")
+    what = {
+        "ceiling": "ceiling",
+        "lower_bound": f"at least: {v.get('why', '')}",
+        "none": v.get("why", ""),
+        # Reports from before the kinds were recorded cannot say which it was.
+        "unknown": "ceiling or not: not recorded in this report",
+    }.get(kind, kind)
+    return f"{label} {fmt_sustainable({**v, 'kind': kind})} ({n} patient{'s' * (n != 1)}; {what})"
 
 
 def _g(d: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,9 @@ FLAT_PERCENT = 5.0
 
 
 def is_generator_bound(row: dict[str, Any]) -> bool:
-    return bool(row.get("generator_bound", {}).get("bound"))
+    if "generator_bound" not in row:  # a report from before the label: its CPU alone
+        return float(row.get("generator_cpu_percent", 0.0)) >= 85.0
+    return bool(row["generator_bound"].get("bound"))
 
 
 # A failing level is not the system's ceiling when other processes took this much of its CPU.
@@ -105,7 +107,7 @@ def max_sustainable(rows: Sequence[dict[str, Any]], label: str) -> dict[str, Any
 
 
 def fmt_sustainable(m: dict[str, Any]) -> str:
-    prefix = "≥" if m["kind"] == "lower_bound" else ""
+    prefix = "≥" if m.get("kind") == "lower_bound" else ""
     return f"{prefix}{m['batches_per_s']:.0f}"
 
 
@@ -125,7 +127,9 @@ def ratio(
     return {"value": round(num / den, 3), "bound": bound, "why": why}
 
 
-def fmt_ratio(r: dict[str, Any]) -> str:
+def fmt_ratio(r: dict[str, Any] | float) -> str:
+    if not isinstance(r, dict):  # a report from before ratios carried their bound
+        return f"{r:.0%}"
     mark = {"lower_bound": "≥", "upper_bound": "≤", "unknown": "~"}.get(r["bound"], "")
     return f"{mark}{r['value']:.0%}"
 
