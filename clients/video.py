@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fractions
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -211,6 +212,7 @@ class MediaCall:
         server_name: str = "",
         adapt: bool = True,
         follow_state: bool = False,
+        token_source: Callable[[], str] | None = None,
     ) -> None:
         self.edge_address = edge_address
         self.session_id = session_id
@@ -220,6 +222,8 @@ class MediaCall:
         self._server_name = server_name
         # Watch the call's state (a patient with adaptive video always does).
         self._follow_state = follow_state
+        # Where a renewed token comes from (the device agent's), for long calls.
+        self._token_source = token_source
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         # A patient's video follows the edge's send_mode (watched over WatchCall).
         if video is not None and role == PUBLISHER and adapt:
@@ -301,30 +305,43 @@ class MediaCall:
         return resp
 
     async def _watch(self, stub: media_pb2_grpc.MediaServiceAsyncStub) -> None:
-        """Follow the call's state; a patient's video adapts to what the edge asks it to send."""
+        """Follow the call's state; a patient's video adapts to what the edge asks it to send.
+        The edge ends the watch when its token expires: with a token_source (the device
+        agent's renewed token) it is watched again with the fresh one."""
+        while True:
+            token = self._token_source() if self._token_source is not None else self._token
+            try:
+                await self._follow(stub, token)
+                return
+            except grpc.aio.AioRpcError as e:
+                expired = e.code() == grpc.StatusCode.UNAUTHENTICATED and "expired" in (
+                    e.details() or ""
+                )
+                if not expired or self._token_source is None or self._token_source() == token:
+                    # The call ended or the edge went away: the call's own connection state
+                    # tells the owner; the video just stops adapting.
+                    log.debug("watch ended", extra={"code": e.code().name})
+                    return
+
+    async def _follow(self, stub: media_pb2_grpc.MediaServiceAsyncStub, token: str) -> None:
         stream = stub.WatchCall(
-            media_pb2.WatchCallRequest(session_id=self.session_id), metadata=bearer(self._token)
+            media_pb2.WatchCallRequest(session_id=self.session_id), metadata=bearer(token)
         )
-        try:
-            async for ev in stream:
-                if not ev.HasField("state"):
-                    continue
-                self.state = ev.state
-                if isinstance(self.video, AdaptiveVideoTrack):
-                    mode = ev.state.send_mode or media_pb2.CALL_MODE_FULL
-                    if mode != self.video.mode:
-                        log.info(
-                            "video send mode",
-                            extra={
-                                "session": self.session_id,
-                                "mode": media_pb2.CallMode.Name(mode),
-                            },
-                        )
-                    self.video.set_mode(mode)
-        except grpc.aio.AioRpcError as e:
-            # The call ended, the token expired or the edge went away: the call's own
-            # connection state tells the owner; the video just stops adapting.
-            log.debug("watch ended", extra={"code": e.code().name})
+        async for ev in stream:
+            if not ev.HasField("state"):
+                continue
+            self.state = ev.state
+            if isinstance(self.video, AdaptiveVideoTrack):
+                mode = ev.state.send_mode or media_pb2.CALL_MODE_FULL
+                if mode != self.video.mode:
+                    log.info(
+                        "video send mode",
+                        extra={
+                            "session": self.session_id,
+                            "mode": media_pb2.CallMode.Name(mode),
+                        },
+                    )
+                self.video.set_mode(mode)
 
     async def hangup(self) -> None:
         if self._channel is not None and self.call_id:
@@ -353,6 +370,11 @@ def _gray(frame: VideoFrame) -> Any:
     return np.asarray(frame.to_ndarray(format="gray"))
 
 
+def _freshest_token(agent: Any, assigned: str) -> str:
+    """The device agent renews its publisher token in place; until then, the assignment's."""
+    return str(agent.token or assigned)
+
+
 async def publish_video(agent: Any, spec: str, stop: asyncio.Event) -> None:
     """Keep the device agent's camera (or file, or synthetic face) in a call with its edge.
 
@@ -372,6 +394,7 @@ async def publish_video(agent: Any, spec: str, stop: asyncio.Event) -> None:
             audio,
             tls=agent.cfg.tls,
             server_name=a.edge_tls_server_name,
+            token_source=functools.partial(_freshest_token, agent, a.token),
         )
         try:
             await call.start()
