@@ -49,7 +49,6 @@ async def demo_security(mesh: LocalMesh, patients: int) -> str:
     finally:
         await store.close()
     assert mesh.core is not None
-    core = mesh.core.grpc_address
     console = mesh.core.metrics_url.removesuffix("/metrics") + "/console"
     lines = [
         f"Clinician console: {console}",
@@ -60,16 +59,9 @@ async def demo_security(mesh: LocalMesh, patients: int) -> str:
         f"  clinician {CLINICIAN} (assigned the demo patients)  operator {OPERATOR}",
         f"  password  {password}   (also in {mesh.data_dir / 'demo-password'})",
     ]
-    tls = mesh.client_tls("clinician")
-    if tls is not None:
-        lines += [
-            "  export TELEHEALTH_TLS_CERT_FILE=" + str(tls.cert),
-            "  export TELEHEALTH_TLS_KEY_FILE=" + str(tls.key),
-            "  export TELEHEALTH_TLS_CA_FILE=" + str(tls.ca),
-        ]
+    # The TLS exports and logins come first, in the launcher's summary (clients/mesh.py).
     lines += [
-        f"  telehealth-ctl --core {core} login {CLINICIAN}     (then sessions / watch)",
-        f"  telehealth-ctl --core {core} login {OPERATOR}     (edges / drain; no vitals)",
+        "  administration, on the core's database:",
         f"  telehealth-ctl users --data-dir {mesh.data_dir / 'core'} add USER --role clinician",
         f"  telehealth-ctl audit --data-dir {mesh.data_dir / 'core'} verify",
     ]

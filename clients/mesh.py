@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,6 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from telehealth.rpc import secure_channel
 from telehealth.security.pki import DEFAULT_CLIENTS, files_for, init_pki
 from telehealth.security.tls import TlsFiles
+
+if TYPE_CHECKING:
+    from core_services.sessions.domain import Session
 
 DEFAULT_ZONES = ("zone-a", "zone-b", "zone-c")
 # Zone latency of the local demo: a line a - b - c.
@@ -301,12 +305,39 @@ async def wait_healthy(p: Proc, timeout: float) -> None:
             await asyncio.sleep(0.1)
 
 
-def _summary(mesh: LocalMesh, patients: int) -> str:
+async def opened_since(mesh: LocalMesh, since_ns: int, want: int, timeout: float) -> list[Session]:
+    """Sessions the demo's devices opened in this run, read from the core's store (SQLite)
+    as they appear, so the summary can name a real one to watch."""
+    from core_services.store import SqlStore
+
+    store = SqlStore(f"sqlite+aiosqlite:///{mesh.data_dir / 'core' / 'core.db'}")
+    await store.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [
+                s
+                for s in await store.list_sessions(include_closed=False)
+                if s.opened_unix_ns >= since_ns
+            ]
+            if len(found) >= want or time.monotonic() > deadline:
+                return found
+            await asyncio.sleep(0.2)
+    finally:
+        await store.close()
+
+
+def _summary(mesh: LocalMesh, patients: int, sessions: Sequence[Session] = ()) -> str:
+    """What runs where, then commands that work as printed (TLS, login first), in order."""
+    from clients.demo_users import CLINICIAN, OPERATOR
+
     assert mesh.core is not None
+    core = mesh.core.grpc_address
     lines = [
         "",
-        "telehealth-mesh is up (local processes on loopback):",
-        f"  core    {mesh.core.grpc_address:<18} metrics {mesh.core.metrics_url}   pid {mesh.core.pid}",
+        "telehealth-mesh is up (local processes on loopback"
+        + (", mTLS on every link):" if mesh.tls else "):"),
+        f"  core    {core:<18} metrics {mesh.core.metrics_url}   pid {mesh.core.pid}",
     ]
     for e in mesh.edges:
         lines.append(
@@ -317,12 +348,44 @@ def _summary(mesh: LocalMesh, patients: int) -> str:
         "(every third one deteriorating)",
         f"  logs    {mesh.data_dir / 'logs'}",
         "",
-        "Try, in another terminal (after `. .venv/bin/activate`):",
-        f"  telehealth-ctl --core {mesh.core.grpc_address} sessions",
-        f"  telehealth-ctl --core {mesh.core.grpc_address} watch SESSION_ID",
-        f"  telehealth-ctl --core {mesh.core.grpc_address} edges",
+        "Watch a patient from another terminal; each line runs as printed:",
+    ]
+    if sys.prefix != sys.base_prefix:
+        lines.append(f"  . {Path(sys.prefix) / 'bin' / 'activate'}")
+    tls = mesh.client_tls("clinician")
+    if tls is not None:
+        lines += [
+            f"  export TELEHEALTH_TLS_CERT_FILE={tls.cert}",
+            f"  export TELEHEALTH_TLS_KEY_FILE={tls.key}",
+            f"  export TELEHEALTH_TLS_CA_FILE={tls.ca}",
+        ]
+    password = mesh.data_dir / "demo-password"
+    ctl = f"telehealth-ctl --core {core}"
+    lines += [
+        f"  {ctl} login {CLINICIAN} --password-stdin < {password}",
+        f"  {ctl} sessions",
+    ]
+    # A deteriorating patient (every third) is the one worth watching.
+    pick = next((s for s in sessions if s.patient_id.endswith(("3", "6", "9"))), None)
+    pick = pick or (sessions[0] if sessions else None)
+    if pick is not None:
+        lines.append(f"  {ctl} watch {pick.session_id}")
+        lines.append(f"    (that is {pick.patient_id}; any SESSION of the list works)")
+    else:
+        lines.append(f"  {ctl} watch SESSION")
+        lines.append("    (SESSION: one of the ids `sessions` lists)")
+    lines.append("As the operator (edges and drain; operators see no vitals):")
+    op_tls = mesh.client_tls("operator")
+    if op_tls is not None:
+        lines += [
+            f"  export TELEHEALTH_TLS_CERT_FILE={op_tls.cert}",
+            f"  export TELEHEALTH_TLS_KEY_FILE={op_tls.key}",
+            f"  export TELEHEALTH_TLS_CA_FILE={op_tls.ca}",
+        ]
+    lines += [
+        f"  {ctl} login {OPERATOR} --password-stdin < {password}",
+        f"  {ctl} edges",
         "",
-        "Ctrl-C stops everything.",
     ]
     return "\n".join(lines)
 
@@ -359,7 +422,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         shutil.rmtree(ns.data_dir, ignore_errors=True)
     mesh = LocalMesh(
-        ns.data_dir,
+        # Absolute, so the paths the summary prints work from any directory.
+        ns.data_dir.resolve(),
         zones,
         core_port=ns.core_port,
         edge_base_port=ns.edge_base_port,
@@ -370,16 +434,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP too: closing the terminal must stop the children, not orphan them.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
         print("starting core and edges ...", flush=True)
         await mesh.start()
+        started_ns = time.time_ns()
         if ns.patients:
             mesh.start_devices(ns.patients)
-        print(_summary(mesh, ns.patients), flush=True)
         from clients.demo_users import demo_security
 
-        print(await demo_security(mesh, ns.patients), flush=True)
+        security = await demo_security(mesh, ns.patients)
+        sessions = await opened_since(mesh, started_ns, min(ns.patients, 3), timeout=10)
+        print(_summary(mesh, ns.patients, sessions), flush=True)
+        print(security + "\n\nCtrl-C stops everything.", flush=True)
         while not stop.is_set():
             for p in [mesh.core, *mesh.edges, *mesh.devices]:
                 if p is not None and not p.alive():
@@ -397,15 +465,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 1
     except KeyboardInterrupt:
         pass  # Ctrl-C before the loop could take it (start-up): stop all the same
+    except OSError as e:
+        # Printing the summary failed (stdout closed): stop all the same.
+        code = 1
+        with contextlib.suppress(OSError):
+            print(f"telehealth-mesh: {e}", file=sys.stderr)
     finally:
         # A second Ctrl-C while stopping must not leave children running: the stop has its
         # own deadline, after which whatever is left gets SIGKILL.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print("\nstopping ...", flush=True)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        _say("\nstopping ...")
         mesh.stop()
-        print("stopped; nothing left running.", flush=True)
+        _say("stopped; nothing left running.")
     sys.exit(code)
+
+
+def _say(text: str) -> None:
+    # Stdout may be gone (terminal closed, a pipe's reader exited): the children must be
+    # stopped all the same, so a failed print is no reason to skip mesh.stop().
+    with contextlib.suppress(OSError):
+        print(text, flush=True)
 
 
 def _port_free(port: int) -> bool:
