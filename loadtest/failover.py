@@ -1,5 +1,10 @@
 """Failover and migration figures for make bench: kill -9 an edge under 20 patients, move
-patients to another zone, drain an edge; every figure from real processes on loopback."""
+patients to another zone, drain an edge; every figure from real processes on loopback.
+
+edge_kill_gap: a device's last ack from the killed edge to its first from the new one.
+zone_change_handover / drain_handover: a make-before-break move, from its start (ChangeZone
+asked, or `moving` heard from the old edge) to the first ack from the new edge; the device's
+stream never breaks, so *_gaps (streams lost) should be empty and *_reconnects 0."""
 
 from __future__ import annotations
 
@@ -57,7 +62,7 @@ async def _archived_exactly(mesh: LocalMesh, devices: list[DeviceAgent]) -> tupl
         stub = archive_pb2_grpc.ArchiveServiceStub(ch)
         for a in devices:
             r = await stub.GetWatermark(archive_pb2.GetWatermarkRequest(session_id=a.session_id))
-            sent += a._next_seq - 1
+            sent += a.next_seq() - 1
             archived += r.archived_batches
     return sent, archived
 
@@ -98,13 +103,19 @@ async def measure(work_dir: Path) -> dict[str, Any]:
         failover = _summary([a.stats.gaps_s[0] for a in devices])
         # 2. Half of them move to zone-c (a handover), make-before-break.
         movers = devices[: PATIENTS // 2]
+        reconnects_before_move = sum(a.stats.reconnects for a in movers)
         for a in movers:
             await a.change_zone("zone-c")
         await _until(lambda: all(a.stats.handovers_s for a in movers), 60, "handover")
         handover = _summary([a.stats.handovers_s[0] for a in movers])
         handover_gaps = [g for a in movers for g in a.stats.gaps_s[1:]]
-        # 3. Drain edge-b (the other half): the operator's drain returns once all moved.
+        zone_change_reconnects = sum(a.stats.reconnects for a in movers) - reconnects_before_move
+        # 3. Drain edge-b (the other half): the operator's drain returns once all moved, and
+        # each device hands over to the new edge without losing its stream.
+        stayers = devices[PATIENTS // 2 :]
         gaps_before = {id(a): len(a.stats.gaps_s) for a in devices}
+        handovers_before = {id(a): len(a.stats.handovers_s) for a in stayers}
+        reconnects_before = sum(a.stats.reconnects for a in stayers)
         token = await _operator_token(mesh)
         t0 = time.monotonic()
         async with grpc.aio.insecure_channel(mesh.core.grpc_address) as ch:
@@ -114,11 +125,16 @@ async def measure(work_dir: Path) -> dict[str, Any]:
                 timeout=120,
             )
         drain_s = time.monotonic() - t0
-        stayers = devices[PATIENTS // 2 :]
         await _until(
-            lambda: all(len(a.stats.gaps_s) > gaps_before[id(a)] for a in stayers), 60, "drain"
+            lambda: all(len(a.stats.handovers_s) > handovers_before[id(a)] for a in stayers),
+            60,
+            "drain handovers",
+        )
+        drain_handover = _summary(
+            [h for a in stayers for h in a.stats.handovers_s[handovers_before[id(a)] :]]
         )
         drain_gaps = _summary([g for a in stayers for g in a.stats.gaps_s[gaps_before[id(a)] :]])
+        drain_reconnects = sum(a.stats.reconnects for a in stayers) - reconnects_before
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
         sent, archived = await _archived_exactly(mesh, devices)
@@ -133,9 +149,12 @@ async def measure(work_dir: Path) -> dict[str, Any]:
         "edge_kill_gap": failover,
         "zone_change_handover": handover,
         "zone_change_gaps": _summary(handover_gaps),
+        "zone_change_reconnects": zone_change_reconnects,
         "drain_rpc_s": round(drain_s, 4),
         "drain_edge_empty": resp.edge.placed_sessions == 0,
+        "drain_handover": drain_handover,
         "drain_gap": drain_gaps,
+        "drain_reconnects": drain_reconnects,
         "batches_sent": sent,
         "batches_archived": archived,
         "lost": sent - archived,
