@@ -8,7 +8,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -75,9 +75,27 @@ def _checked(request: Any, method: str) -> Any:
     return request
 
 
-async def _checked_stream(requests: Any, method: str) -> AsyncIterator[Any]:
-    async for r in requests:
-        yield _checked(r, method)
+class _CheckedRequests:
+    """A request stream whose undecodable messages are refused by name. A plain async
+    iterator rather than an async generator: on a stream of thousands of batches a second,
+    one coroutine per message costs less than resuming a generator frame through asend()."""
+
+    __slots__ = ("_method", "_next")
+
+    def __init__(self, requests: Any, method: str) -> None:
+        self._next = requests.__aiter__().__anext__
+        self._method = method
+
+    def __aiter__(self) -> _CheckedRequests:
+        return self
+
+    async def __anext__(self) -> Any:
+        r = await self._next()
+        if type(r) is Malformed:
+            raise InvalidArgument(
+                f"request to {self._method} is not a valid protobuf message ({r.error})"
+            )
+        return r
 
 
 def _split(method: str) -> tuple[str, str]:
@@ -134,14 +152,18 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=_safe_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
+        # Streaming handlers write each response themselves (context.write) instead of
+        # re-yielding it: one async-generator layer fewer per message on the hot paths
+        # (Publish acks, Subscribe events), same error mapping and metrics.
         if handler.unary_stream is not None:
             inner_us: Any = handler.unary_stream
 
-            async def unary_stream(request: Any, context: Context) -> Any:
+            async def unary_stream(request: Any, context: Context) -> None:
                 t0 = _begin()
                 try:
+                    write = context.write
                     async for item in inner_us(_checked(request, method), context):
-                        yield item
+                        await write(item)
                 except DomainError as e:
                     await _abort(context, e)
                 finally:
@@ -155,11 +177,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if handler.stream_stream is not None:
             inner_ss: Any = handler.stream_stream
 
-            async def stream_stream(request_iterator: Any, context: Context) -> Any:
+            async def stream_stream(request_iterator: Any, context: Context) -> None:
                 t0 = _begin()
                 try:
-                    async for item in inner_ss(_checked_stream(request_iterator, method), context):
-                        yield item
+                    write = context.write
+                    requests = _CheckedRequests(request_iterator, method)
+                    async for item in inner_ss(requests, context):
+                        await write(item)
                 except DomainError as e:
                     await _abort(context, e)
                 finally:

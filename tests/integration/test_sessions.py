@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -544,3 +544,29 @@ async def test_open_sessions_gauge_and_placement_decision_histogram(
         lambda: sample("telehealth_core_edge_load_ratio", edge="edge-a", zone="zone-a") == 1 / 1000,
         what="edge-a's load after the close",
     )
+
+
+async def test_undecodable_messages_are_refused_by_name(
+    core: CoreServer, channel_to: ChannelTo
+) -> None:
+    """Bytes that are not the method's protobuf get INVALID_ARGUMENT naming the method, on
+    unary calls and on every message of a stream (not UNKNOWN, as if the server had failed)."""
+    ch = channel_to(core.address)
+    garbage = b"\x0a\xff\xff"  # field 1, a length running past the end
+    open_raw = ch.unary_unary("/telehealth.v1.SessionsService/Open")
+    with pytest.raises(grpc.aio.AioRpcError) as unary:
+        await open_raw(garbage, timeout=5)
+    assert unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request to Open is not a valid protobuf message" in (unary.value.details() or "")
+    heartbeat_raw = ch.stream_stream("/telehealth.v1.EdgesService/Heartbeat")
+
+    async def beats() -> AsyncIterator[bytes]:
+        first = edges_pb2.HeartbeatRequest(edge_id="edge-x", zone="zone-a", address="127.0.0.1:9")
+        yield first.SerializeToString()
+        yield garbage
+
+    with pytest.raises(grpc.aio.AioRpcError) as stream:
+        async for _ in heartbeat_raw(beats(), timeout=5):
+            pass
+    assert stream.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request to Heartbeat is not a valid protobuf message" in (stream.value.details() or "")
