@@ -270,7 +270,9 @@ def readme_body(report: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
             f"p99 {fmt_ms(p['latency_ms']['p99'])} ms with {p['edges']} edges and "
             f"{p['live_sessions']} live sessions."
         )
-    if "failover" in figs:
+    if "error" in figs.get("failover", {}):
+        lines.append(f"Failover: the measurement failed ({figs['failover']['error']}).")
+    elif "failover" in figs:
         f = figs["failover"]
         lines.append(
             f"Failover (kill -9 of the edge under {f['patients']} patients): gap p50 "
@@ -361,7 +363,11 @@ async def run_suite(
     extra: dict[str, Any] = {}
     for section, run_section in EXTRA_SECTIONS.items():
         phase(section)
-        extra[section] = await run_section(ctx)
+        try:
+            extra[section] = await run_section(ctx)
+        except Exception as e:  # one failing section must not sink the suite
+            print(f"[{section}] failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            extra[section] = {"error": f"{type(e).__name__}: {e}"}
     # The mesh, echo and broker are idle now; stop them so placement has the SUT CPU alone.
     ctx.systems.stop()
     phase("placement")
