@@ -22,11 +22,13 @@ import numpy as np
 from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
+    RTCIceServer,
     RTCPeerConnection,
     RTCSessionDescription,
 )
 from aiortc.contrib.media import MediaPlayer
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
+from aiortc.rtcconfiguration import RTCIceTransportPolicy
 from av import VideoFrame
 from av.frame import Frame
 from av.packet import Packet
@@ -213,7 +215,10 @@ class MediaCall:
         adapt: bool = True,
         follow_state: bool = False,
         token_source: Callable[[], str] | None = None,
+        relay_only: bool = False,
     ) -> None:
+        """relay_only: media only through the TURN relay the edge names (a device on a
+        network that lets nothing else out; also how a TURN setup is checked)."""
         self.edge_address = edge_address
         self.session_id = session_id
         self._token = token
@@ -224,7 +229,9 @@ class MediaCall:
         self._follow_state = follow_state
         # Where a renewed token comes from (the device agent's), for long calls.
         self._token_source = token_source
+        self._relay_only = relay_only
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc.add_listener("track", self._on_track)
         # A patient's video follows the edge's send_mode (watched over WatchCall).
         if video is not None and role == PUBLISHER and adapt:
             video = AdaptiveVideoTrack(video)
@@ -238,8 +245,22 @@ class MediaCall:
         self.answer_sdp = ""
         self._read_counters = read_counters
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing_pcs: list[RTCPeerConnection] = []
         self._channel: grpc.aio.Channel | None = None
+
+    def _new_peer_connection(self, servers: list[RTCIceServer]) -> None:
+        """Rebuild the (still unused) peer connection with the edge's ICE servers."""
+        old = self.pc
+        self.pc = RTCPeerConnection(
+            RTCConfiguration(
+                iceServers=servers,
+                iceTransportPolicy=RTCIceTransportPolicy.RELAY
+                if self._relay_only
+                else RTCIceTransportPolicy.ALL,
+            )
+        )
         self.pc.add_listener("track", self._on_track)
+        self._closing_pcs.append(old)
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         self._tasks.append(asyncio.ensure_future(self._consume(track)))
@@ -283,11 +304,29 @@ class MediaCall:
         return pc.localDescription.sdp
 
     async def start(self, timeout: float = 10.0) -> media_pb2.NegotiateMediaResponse:
-        offer = await self.offer()
         # The device's own TLS settings; an edge dialled by IP is checked against the name the
         # assignment gives for it.
         self._channel = secure_channel(self.edge_address, self._tls, server_name=self._server_name)
         stub = media_pb2_grpc.MediaServiceStub(self._channel)
+        # STUN/TURN servers (TURN with short-lived credentials) from the edge, before the
+        # offer gathers its candidates; none when the edge's UDP range is reachable directly.
+        ice = await stub.GetIceServers(
+            media_pb2.GetIceServersRequest(session_id=self.session_id),
+            metadata=bearer(self._token),
+            timeout=timeout,
+        )
+        if ice.ice_servers or self._relay_only:
+            self._new_peer_connection(
+                [
+                    RTCIceServer(
+                        urls=list(s.urls),
+                        username=s.username or None,
+                        credential=s.credential or None,
+                    )
+                    for s in ice.ice_servers
+                ]
+            )
+        offer = await self.offer()
         resp: media_pb2.NegotiateMediaResponse = await stub.Negotiate(
             media_pb2.NegotiateMediaRequest(
                 session_id=self.session_id,
@@ -356,6 +395,9 @@ class MediaCall:
     async def close(self) -> None:
         """Close without telling the edge (a device that vanishes)."""
         await self.pc.close()
+        for pc in self._closing_pcs:
+            await pc.close()
+        self._closing_pcs.clear()
         if self.video is not None:
             self.video.stop()
         for t in self._tasks:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -259,6 +260,24 @@ class EdgeSettings(Settings):
     max_subscribers_per_session: int = Field(
         32, ge=1, description="concurrent vitals subscriptions of one session"
     )
+    media_advertise_address: str = Field(
+        "",
+        description="public IP address peers reach this edge's UDP range at (1:1 NAT, like "
+        "LiveKit's node_ip): host ICE candidates carry it instead of the pod's own address",
+    )
+    turn_urls: list[str] = Field(
+        default_factory=list,
+        description="STUN/TURN servers for peers and the edge itself, e.g. "
+        "['turn:turn.example.org:3478?transport=udp']; empty: peers reach the UDP range directly",
+    )
+    turn_secret: str = Field(
+        "",
+        description="coturn's static-auth-secret (use-auth-secret): short-lived TURN "
+        "credentials are derived from it; needed when turn_urls has a turn: or turns: url",
+    )
+    turn_credential_ttl_s: int = Field(
+        3600, ge=60, description="lifetime of the TURN credentials handed to a peer"
+    )
     media_silence_s: float = Field(
         4.0,
         gt=0,
@@ -287,6 +306,25 @@ class EdgeSettings(Settings):
         description="a NEWS2 input measured longer ago than this is shown as stale and left "
         "out of the total (the score is then incomplete)",
     )
+
+    @model_validator(mode="after")
+    def _media_network(self) -> EdgeSettings:
+        for url in self.turn_urls:
+            if not url.startswith(("stun:", "stuns:", "turn:", "turns:")):
+                raise ValueError(
+                    f"setting 'turn_urls': {url!r} must start with stun:, stuns:, turn: or turns:"
+                )
+        if any(u.startswith(("turn:", "turns:")) for u in self.turn_urls) and not self.turn_secret:
+            raise ValueError("setting 'turn_secret' is needed for the turn: urls in 'turn_urls'")
+        if self.media_advertise_address:
+            try:
+                ipaddress.IPv4Address(self.media_advertise_address)
+            except ValueError:
+                raise ValueError(
+                    "setting 'media_advertise_address' must be an IPv4 address, not "
+                    f"{self.media_advertise_address!r}"
+                ) from None
+        return self
 
     def advertised(self) -> str:
         return self.advertise_address or self.grpc_listen

@@ -7,10 +7,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any
 
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
 
 from edge_nodes.guard import AuditTrail
 from edge_nodes.media.consultation import (
@@ -30,6 +35,7 @@ from edge_nodes.media.passthrough import (
 from edge_nodes.media.ports import UdpPortRange, bind_in_range
 from edge_nodes.media.quality import CallMode, VideoDemand, allocate
 from edge_nodes.media.sdp import check_offer
+from edge_nodes.media.turn import IceServerConfig, advertise_host_candidates, ice_servers
 from edge_nodes.media.vision_tap import VisionWorker
 from edge_nodes.vitals.fanout import Subscriber
 from edge_nodes.vitals.sessions import EdgeSessions
@@ -62,15 +68,6 @@ QUALITY_PERIOD_S = 1.0
 BUDGET_RECOVER_S = 5
 
 
-@dataclass(frozen=True)
-class IceServerConfig:
-    """A STUN/TURN server as RTCConfiguration.iceServers takes it."""
-
-    urls: tuple[str, ...]
-    username: str = ""
-    credential: str = ""
-
-
 class AlreadyConnected(DomainError):
     code = ErrorCode.ALREADY_EXISTS
 
@@ -101,8 +98,6 @@ class Consultations:
         # Teardowns started from aiortc callbacks; held so they finish (and close() can wait).
         self._background: set[asyncio.Task[None]] = set()
         self._closing = False
-        # STUN/TURN servers handed to peers for their offers (empty: direct to the UDP range).
-        self.ice: list[IceServerConfig] = []
 
     # -- auth ---------------------------------------------------------------------------
 
@@ -248,7 +243,7 @@ class Consultations:
             raise ResourceExhausted(
                 f"session {call.session_id} already has {MAX_CLINICIANS} clinicians connected"
             )
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc = RTCPeerConnection(self._rtc_configuration(call.session_id))
         peer = Peer(new_call_id(), role, call.session_id, pc, subject_id)
         self.peers[peer.call_id] = peer
         self.metrics.peer_connections.set(len(self.peers))
@@ -293,7 +288,10 @@ class Consultations:
                     forward_keyframe_requests(t.sender, sending.request_keyframe)
         call.attach(peer)
         asyncio.get_running_loop().call_later(CONNECT_TIMEOUT_S, self._check_connected, peer)
-        return pc.localDescription.sdp
+        # Behind a 1:1 NAT the peer must be told the public address (media_advertise_address).
+        return advertise_host_candidates(
+            pc.localDescription.sdp, self._settings.media_advertise_address
+        )
 
     def _on_track(self, call: Consultation, peer: Peer, track: MediaStreamTrack) -> None:
         remote_tracks(peer, track, on_stale=lambda n: self._count_drop("stale", n))
@@ -315,11 +313,29 @@ class Consultations:
         if not peer.closed and peer.pc.connectionState != "connected":
             self._spawn(self._close_peer(peer, "never connected"))
 
-    def ice_servers(self, token: str | None, session_id: str) -> list[IceServerConfig]:
-        """The ICE servers a peer of this session builds its offer with: the configured
-        STUN/TURN servers (none when the edge's UDP range is reachable directly)."""
+    def ice_servers(self, token: str | None, session_id: str) -> tuple[list[IceServerConfig], int]:
+        """The STUN/TURN servers a peer of this session builds its RTCPeerConnection with, TURN
+        with credentials of its own (coturn REST scheme), and when those expire (unix s; 0
+        when there are none). Empty when peers reach the edge's UDP range directly."""
         self.authorize(token, session_id, ROLES)
-        return list(self.ice)
+        return self._ice_for(session_id)
+
+    def _ice_for(self, who: str) -> tuple[list[IceServerConfig], int]:
+        st = self._settings
+        return ice_servers(st.turn_urls, st.turn_secret, who, st.turn_credential_ttl_s)
+
+    def _rtc_configuration(self, session_id: str) -> RTCConfiguration:
+        """The edge's own peer: the same servers, so it gathers relayed candidates too when
+        it sits behind a NAT that peers cannot cross."""
+        servers, _ = self._ice_for(f"{self._settings.edge_id}/{session_id}")
+        return RTCConfiguration(
+            iceServers=[
+                RTCIceServer(
+                    urls=list(s.urls), username=s.username or None, credential=s.credential or None
+                )
+                for s in servers
+            ]
+        )
 
     async def hangup(self, token: str | None, session_id: str, call_id: str) -> bool:
         """End one's own call. A token of the session is not enough: a patient must not end

@@ -84,6 +84,7 @@ class MediaHttp:
     def add_routes(self, app: web.Application) -> None:
         app.router.add_route("OPTIONS", "/media/{tail:.*}", self._preflight)
         app.router.add_post("/media/sessions/{session_id}/offer", self.offer)
+        app.router.add_post("/media/sessions/{session_id}/ice-servers", self.ice_servers)
         app.router.add_post("/media/sessions/{session_id}/calls/{call_id}/hangup", self.hangup)
         app.router.add_get("/media/ws", self.websocket)
         app.router.add_get("/patient", self.patient_page)
@@ -122,6 +123,29 @@ class MediaHttp:
             return error_response(e)
         return web.json_response(
             {"call_id": call_id, "type": "answer", "sdp": answer, "mode": mode.name},
+            headers=CORS,
+        )
+
+    async def ice_servers(self, request: web.Request) -> web.Response:
+        """POST (bearer token) -> {"ice_servers": [{urls, username, credential}],
+        "expires_unix_ms"}: what the page builds its RTCPeerConnection with."""
+        try:
+            body = await self._body(request)
+            servers, expiry = self._calls.ice_servers(
+                bearer_of(request, body), request.match_info["session_id"]
+            )
+        except DomainError as e:
+            return error_response(e)
+        return web.json_response(
+            {
+                "ice_servers": [
+                    {"urls": list(s.urls), "username": s.username, "credential": s.credential}
+                    if s.username
+                    else {"urls": list(s.urls)}
+                    for s in servers
+                ],
+                "expires_unix_ms": expiry * 1000,
+            },
             headers=CORS,
         )
 

@@ -2,8 +2,9 @@
 
 aioice binds candidate sockets to port 0, so the kernel picks any ephemeral port (aioice#47)
 and a Kubernetes Service cannot expose them. The edge replaces, per peer connection, the one
-aioice step that opens host sockets: same candidates, but on ports from the range. Nothing is
-patched globally, so other aiortc users in the process (tests, the device agent) are untouched.
+aioice step that gathers a component's candidates: the same candidates (host, server-reflexive,
+relayed through TURN), but host sockets on ports from the range. Nothing is patched globally,
+so other aiortc users in the process (tests, the device agent) are untouched.
 """
 
 from __future__ import annotations
@@ -11,18 +12,26 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import logging
 import socket
 import types
 from typing import Any
 
 from aioice import Candidate, Connection
 from aioice.candidate import candidate_foundation, candidate_priority
-from aioice.ice import StunProtocol, server_reflexive_candidate
+from aioice.ice import (
+    StunProtocol,
+    TransportPolicy,
+    relayed_candidate,
+    server_reflexive_candidate,
+)
 from aioice.turn import UDP_SOCKET_BUFFER_SIZE
 from aiortc import RTCPeerConnection
 
 from telehealth.config import ConfigError
 from telehealth.errors import ResourceExhausted
+
+log = logging.getLogger(__name__)
 
 
 class UdpPortRange:
@@ -69,6 +78,13 @@ class UdpPortRange:
 
 
 def _in_range_candidates(ports: UdpPortRange) -> Any:
+    """aioice's Connection.get_component_candidates (aioice 0.10), with one change: host
+    sockets are bound inside `ports` rather than on port 0. Everything else is kept as aioice
+    does it: an address that cannot be bound (no longer configured, no route, ...) is skipped,
+    not fatal to the call; server-reflexive candidates share the host sockets (so they are in
+    range too); a TURN server gives a relayed candidate (its socket talks to the TURN server
+    only, so its own port need not be in range)."""
+
     async def get_component_candidates(
         self: Connection, component: int, addresses: list[str], timeout: int = 5
     ) -> list[Candidate]:
@@ -76,7 +92,13 @@ def _in_range_candidates(ports: UdpPortRange) -> Any:
         host_protocols: list[StunProtocol] = []
         try:
             for address in addresses:
-                transport, protocol = await ports.bind(address, lambda: StunProtocol(self))
+                try:
+                    transport, protocol = await ports.bind(address, lambda: StunProtocol(self))
+                except ResourceExhausted:
+                    raise
+                except OSError as e:
+                    log.info("cannot bind a WebRTC candidate on %s (%s); skipping it", address, e)
+                    continue
                 sock = transport.get_extra_info("socket")
                 if sock is not None:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_SOCKET_BUFFER_SIZE)
@@ -93,25 +115,46 @@ def _in_range_candidates(ports: UdpPortRange) -> Any:
                 )
                 candidates.append(protocol.local_candidate)
         except ResourceExhausted:
-            # Do not keep half a set of sockets open for a call that cannot be made.
+            # The range is full: do not keep half a set of sockets open for a call that
+            # cannot be made (the caller gets RESOURCE_EXHAUSTED naming the range).
             for p in host_protocols:
                 p.transport.close()
             raise
         self._protocols += host_protocols
-        # Server-reflexive candidates share the host sockets, so they are in range too.
+        tasks: list[asyncio.Task[tuple[Candidate, StunProtocol | None]]] = []
         if self.stun_server:
-            tasks = [
+            tasks += [
                 asyncio.create_task(server_reflexive_candidate(p, self.stun_server))
                 for p in host_protocols
                 if ipaddress.ip_address(p.local_candidate.host).version == 4
             ]
-            if tasks:
-                done, pending = await asyncio.wait(tasks, timeout=timeout)
-                for task in done:
-                    if task.exception() is None:
-                        candidates.append(task.result()[0])
-                for task in pending:
-                    task.cancel()
+        if self.turn_server:
+            tasks.append(
+                asyncio.create_task(
+                    relayed_candidate(
+                        component=component,
+                        hide_related_address=self._transport_policy == TransportPolicy.RELAY,
+                        protocol_factory=lambda: StunProtocol(self),
+                        turn_server=self.turn_server,
+                        turn_username=self.turn_username,
+                        turn_password=self.turn_password,
+                        turn_ssl=self.turn_ssl,
+                        turn_transport=self.turn_transport,
+                    )
+                )
+            )
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in done:
+                if task.exception() is None:
+                    candidate, relay_protocol = task.result()
+                    candidates.append(candidate)
+                    if relay_protocol is not None:
+                        self._protocols.append(relay_protocol)
+                else:
+                    log.warning("STUN/TURN candidate failed: %s", task.exception())
+            for task in pending:
+                task.cancel()
         return candidates
 
     return get_component_candidates

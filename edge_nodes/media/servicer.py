@@ -42,14 +42,15 @@ class MediaServicer(media_pb2_grpc.MediaServiceServicer):
     async def GetIceServers(
         self, request: media_pb2.GetIceServersRequest, context: Context
     ) -> media_pb2.GetIceServersResponse:
-        servers = self._calls.ice_servers(
+        servers, expiry = self._calls.ice_servers(
             token_from(context.invocation_metadata()), request.session_id
         )
         return media_pb2.GetIceServersResponse(
             ice_servers=[
                 media_pb2.IceServer(urls=list(s.urls), username=s.username, credential=s.credential)
                 for s in servers
-            ]
+            ],
+            expires_unix_ns=expiry * 1_000_000_000,
         )
 
     async def Hangup(

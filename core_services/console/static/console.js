@@ -356,6 +356,20 @@ function gathered(pc, timeoutMs) {
   });
 }
 
+// STUN/TURN servers from the session's edge (TURN with short-lived credentials); none when
+// the edge is reachable directly, or when asking fails (a direct call may still work).
+async function iceServers(a) {
+  try {
+    const r = await fetch(`${a.edge_http}/media/sessions/${encodeURIComponent(a.session_id)}/ice-servers`, {
+      method: "POST", headers: { "Content-Type": "application/json", Authorization: "Bearer " + a.token }, body: "{}",
+    });
+    if (!r.ok) return [];
+    const body = await r.json();
+    state.iceServers = body.ice_servers;
+    return body.ice_servers;
+  } catch (e) { return []; }
+}
+
 async function startCall() {
   const sid = open;
   const p = patients.get(sid);
@@ -365,7 +379,7 @@ async function startCall() {
     const a = await attach(sid);
     const stream = await navigator.mediaDevices.getUserMedia({ audio: true, video: { width: 640, height: 480 } });
     $("local-video").srcObject = stream;
-    const pc = new RTCPeerConnection({ iceServers: [] });
+    const pc = new RTCPeerConnection({ iceServers: await iceServers(a) });
     for (const t of stream.getTracks()) pc.addTrack(t, stream);
     const remote = new MediaStream();
     $("remote-video").srcObject = remote;

@@ -148,6 +148,20 @@ async function adaptSending(mode) {
   try { await videoSender.setParameters(p); } catch (e) { /* not every browser allows it mid-call */ }
 }
 
+// STUN/TURN servers from the edge (TURN with short-lived credentials); none when the edge is
+// reachable directly, or when asking fails (a direct call may still work).
+async function iceServers() {
+  try {
+    const r = await fetch(`/media/sessions/${encodeURIComponent(sessionId)}/ice-servers`, {
+      method: "POST", headers: { "Content-Type": "application/json", Authorization: "Bearer " + token }, body: "{}",
+    });
+    if (!r.ok) return [];
+    const body = await r.json();
+    state.iceServers = body.ice_servers;
+    return body.ice_servers;
+  } catch (e) { return []; }
+}
+
 function gathered(pc, timeoutMs) {
   if (pc.iceGatheringState === "complete") return Promise.resolve();
   return new Promise((resolve) => {
@@ -169,7 +183,7 @@ async function join() {
   }
   $("local-video").srcObject = localStream;
   cameraTrack = localStream.getVideoTracks()[0] || null;
-  pc = new RTCPeerConnection({ iceServers: [] });
+  pc = new RTCPeerConnection({ iceServers: await iceServers() });
   for (const t of localStream.getTracks()) {
     const sender = pc.addTrack(t, localStream);
     if (t.kind === "video") videoSender = sender;
