@@ -181,6 +181,7 @@ class CoreServer:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.directory.shutdown()
         await self.http.stop()
         await self.bus.close()
         await self.store.close()

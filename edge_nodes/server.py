@@ -123,6 +123,8 @@ class EdgeServer:
         await self.grpc.set_serving(True)
 
     async def stop(self, grace: float = 1.0) -> None:
+        if self._stop.is_set():
+            return  # stopped already (a test, then its fixture; a signal, then a finally)
         self._stop.set()
         for ch in list(self.sessions.channels.values()):
             ch.fanout.close_all(f"edge {self.settings.edge_id} is shutting down")

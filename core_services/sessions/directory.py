@@ -154,6 +154,14 @@ class SessionDirectory:
         for s in await self._store.open_sessions():
             self._cache(s)
 
+    async def shutdown(self) -> None:
+        """Stop what runs in the background (releases waiting for a publisher): the core is
+        going away; an edge still holding such a session is released when it reconnects."""
+        tasks = list(self._background)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def _cache(self, s: Session) -> Session | None:
         """Keep the open-session cache and the per-edge placed counts in step; return the
         session as it was cached before."""
