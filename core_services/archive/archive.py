@@ -30,6 +30,10 @@ class Archive:
         wm = cache.get(session_id)
         if wm is None or (self._shared and loaded is None):
             value, above = await self.store.watermark(session_id)
+            if not self._shared and (current := cache.get(session_id)) is not None:
+                # Loaded (and maybe advanced by an append) while this read waited: a reader
+                # (GetWatermark) must not put back the older value it read.
+                return current
             wm = Watermark(value)
             for seq in above:
                 wm.add(seq)
