@@ -39,6 +39,9 @@ CORE_CHART_OWNED: dict[str, str] = {
     "tls_cert_file": "tls.* (the component's certificate mount)",
     "tls_key_file": "tls.*",
     "tls_ca_file": "tls.*",
+    "http_tls_cert_file": "tls.https (the component's certificate mount)",
+    "http_tls_key_file": "tls.https",
+    "bootstrap_users_file": "the bootstrap Secret's mount (core.bootstrapUsers)",
 }
 EDGE_CHART_OWNED: dict[str, str] = {
     "edge_id": "the pod name",
@@ -47,6 +50,7 @@ EDGE_CHART_OWNED: dict[str, str] = {
     "http_listen": "0.0.0.0:edge.httpPort",
     "advertise_address": "edge.advertise / zones[].advertiseAddress",
     "http_advertise_url": "edge.advertise / zones[].httpAdvertiseUrl",
+    "media_advertise_address": "edge.advertise / zones[].mediaAdvertiseAddress",
     "media_udp_port_min": "zones[].mediaUdpPortRange / media.udpPortRange",
     "media_udp_port_max": "zones[].mediaUdpPortRange / media.udpPortRange",
     "core_address": "the core Service",
@@ -55,6 +59,10 @@ EDGE_CHART_OWNED: dict[str, str] = {
     "tls_cert_file": "tls.*",
     "tls_key_file": "tls.*",
     "tls_ca_file": "tls.*",
+    "http_tls_cert_file": "tls.https (the component's certificate mount)",
+    "http_tls_key_file": "tls.https",
+    "turn_urls": "turn.urls, else the chart's coturn Service",
+    "turn_secret": "the TURN Secret (turn.existingSecret or the chart's), as TELEHEALTH_TURN_SECRET",
 }
 # Settings that make no sense in a cluster: paths to files the chart has no way to mount
 # (and whose defaults already sit on the right volume).

@@ -147,11 +147,23 @@ for z in zone-a zone-b zone-c; do
         "$(env_of "$z" TELEHEALTH_MEDIA_UDP_PORT_MIN)" "$(env_of "$z" TELEHEALTH_MEDIA_UDP_PORT_MAX)"
 done
 
+users="$FULLNAME-core-bootstrap-users"
+device_tls=""
+if [[ "$TLS" == "1" ]]; then
+    device_tls=" --tls-cert-file $PKI_DIR/device.crt --tls-key-file $PKI_DIR/device.key --tls-ca-file $PKI_DIR/ca.crt"
+fi
 cat <<MSG
+
+Passwords the chart generated (kept across upgrades):
+  operator:  kubectl -n $NAMESPACE get secret $users -o jsonpath='{.data.operator-password}' | base64 -d; echo
+  clinician: kubectl -n $NAMESPACE get secret $users -o jsonpath='{.data.clinician-password}' | base64 -d; echo
 
 Operator CLI:
   telehealth-ctl --core $core_grpc$tls_flags login operator
   telehealth-ctl --core $core_grpc$tls_flags edges
+
+Three simulated patients in zone-a (the clinician "clinician" sees them in the console):
+  telehealth-device --core $core_grpc$device_tls --zone zone-a --patients 3
 MSG
 if [[ "$MONITORING" == "1" ]]; then
     cat <<MSG

@@ -118,6 +118,33 @@ SQLite core keeps its own keys on its data volume.
 {{- end }}
 {{- end }}
 
+{{/* Secret with the bootstrap users file (users.yaml) and the password files it names. */}}
+{{- define "telehealth.bootstrapSecret" -}}
+{{- $b := .Values.core.bootstrapUsers }}
+{{- if $b.enabled }}
+{{- $b.existingSecret | default (printf "%s-bootstrap-users" (include "telehealth.coreName" .)) }}
+{{- end }}
+{{- end }}
+
+{{/* Secret with the TURN shared secret (turn_secret): the chart's or turn.existingSecret. */}}
+{{- define "telehealth.turnSecret" -}}
+{{- if .Values.turn.existingSecret }}
+{{- .Values.turn.existingSecret }}
+{{- else if .Values.turn.enabled }}
+{{- printf "%s-secret" (include "telehealth.turnName" .) }}
+{{- end }}
+{{- end }}
+
+{{/* The edges' turn_urls as a YAML list: turn.urls, else the chart's coturn Service. */}}
+{{- define "telehealth.turnUrls" -}}
+{{- $urls := .Values.turn.urls }}
+{{- if and (not $urls) .Values.turn.enabled }}
+{{- $host := printf "%s.%s.svc:%d" (include "telehealth.turnName" .) .Release.Namespace (int .Values.turn.port) }}
+{{- $urls = list (printf "turn:%s?transport=udp" $host) (printf "turn:%s?transport=tcp" $host) }}
+{{- end }}
+{{- toYaml ($urls | default list) }}
+{{- end }}
+
 {{/* Where the core reads its token signing keys from the Secret above. */}}
 {{- define "telehealth.keysDir" -}}
 /etc/telehealth/token-keys
@@ -210,7 +237,7 @@ what it advertises. Args: dict "ctx" $ "zone" <zones[] entry>.
 {{- $range := $z.mediaUdpPortRange | default $v.media.udpPortRange }}
 {{- $np := $z.nodePorts | default dict }}
 {{- $svcHost := include "telehealth.zoneServiceHost" (dict "ctx" .ctx "zone" $z.name) }}
-{{- $scheme := "http" }}
+{{- $scheme := include "telehealth.httpScheme" .ctx }}
 {{- $grpc := printf "$(POD_IP):%d" (int $v.edge.grpcPort) }}
 {{- $http := printf "%s://$(POD_IP):%d" $scheme (int $v.edge.httpPort) }}
 {{- $media := "" }}
@@ -252,6 +279,21 @@ advertise:
 {{- end }}
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecretPrefix) (not .Values.tls.certManager.enabled) }}
 {{- fail "tls.enabled needs tls.existingSecretPrefix (Secrets <prefix>-core and <prefix>-zone-<zone>) or tls.certManager.enabled" }}
+{{- end }}
+{{- $turnUrls := fromYamlArray (include "telehealth.turnUrls" .) }}
+{{- range $turnUrls }}
+{{- if and (or (hasPrefix "turn:" .) (hasPrefix "turns:" .)) (not (include "telehealth.turnSecret" $)) }}
+{{- fail (printf "turn.urls has %s: a turn: URL needs the shared secret, from turn.existingSecret (or turn.enabled)" .) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.turn.enabled (eq .Values.turn.service.type "NodePort") }}
+{{- $t := .Values.turn }}
+{{- if or (lt (int $t.port) 30000) (gt (int $t.port) 32767) (lt (int $t.relayPortRange.min) 30000) (gt (int $t.relayPortRange.max) 32767) }}
+{{- fail (printf "turn.service.type=NodePort publishes turn.port and the relay ports under their own numbers, so they must lie in 30000-32767 (port %d, relay %d-%d)" (int $t.port) (int $t.relayPortRange.min) (int $t.relayPortRange.max)) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.tls.https (not .Values.tls.enabled) }}
+{{- fail "tls.https serves the HTTP ports with the components' certificates: it needs tls.enabled" }}
 {{- end }}
 {{- if and .Values.tls.existingSecretPrefix .Values.tls.certManager.enabled }}
 {{- fail "tls: set either tls.existingSecretPrefix or tls.certManager.enabled, not both" }}
@@ -307,7 +349,9 @@ advertise:
 {{- end }}
 
 {{/*
-mTLS material for a container, when tls.enabled: the paths of the mounted Secret.
+mTLS material for a container, when tls.enabled: the paths of the mounted Secret; with
+tls.https the same certificate serves the HTTP port too (server auth; reloaded when
+cert-manager renews it).
 */}}
 {{- define "telehealth.tlsEnv" -}}
 {{- if .Values.tls.enabled }}
@@ -317,7 +361,18 @@ mTLS material for a container, when tls.enabled: the paths of the mounted Secret
   value: /etc/telehealth/tls/tls.key
 - name: TELEHEALTH_TLS_CA_FILE
   value: /etc/telehealth/tls/ca.crt
+{{- if .Values.tls.https }}
+- name: TELEHEALTH_HTTP_TLS_CERT_FILE
+  value: /etc/telehealth/tls/tls.crt
+- name: TELEHEALTH_HTTP_TLS_KEY_FILE
+  value: /etc/telehealth/tls/tls.key
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "https" when the HTTP ports serve TLS, else "http". */}}
+{{- define "telehealth.httpScheme" -}}
+{{- if and .Values.tls.enabled .Values.tls.https }}https{{ else }}http{{ end }}
 {{- end }}
 
 {{/*
@@ -330,6 +385,10 @@ Args: dict "root" $ "grpcPort" N "httpPort" N.
 httpGet:
   path: /healthz
   port: {{ .httpPort }}
+  {{- if .root.Values.tls.https }}
+  # The kubelet does not verify the certificate of an HTTPS probe.
+  scheme: HTTPS
+  {{- end }}
 {{- else }}
 grpc:
   port: {{ .grpcPort }}
