@@ -75,10 +75,11 @@ if [[ "$TLS" == "1" ]]; then
     mkdir -p "$PKI_DIR"
     hosts="$FULLNAME-core.$NAMESPACE.svc"
     for z in zone-a zone-b zone-c; do hosts="$hosts,$FULLNAME-edge-$z.$NAMESPACE.svc"; done
-    # The image's own telehealth-ctl, so the host needs no Python. "edges-<zone>" names make
-    # zone certificates (spiffe://telehealth/zone/<zone>).
+    # The image's own telehealth-ctl, so the host needs no Python. --zones makes one
+    # certificate per zone (edges-<zone>.crt, spiffe://telehealth/zone/<zone>) that every edge
+    # pod of the zone presents; no per-edge-id certificates (pod names vary).
     docker run --rm --user "$(id -u):$(id -g)" -v "$PKI_DIR:/pki" "$IMAGE" \
-        telehealth-ctl pki init --dir /pki --edges edges-zone-a,edges-zone-b,edges-zone-c --hosts "$hosts"
+        telehealth-ctl pki init --dir /pki --edges "" --zones zone-a,zone-b,zone-c --hosts "$hosts"
     secret() {  # name cert-basename: an idempotent create of one kubernetes.io/tls-like Secret
         kubectl -n "$NAMESPACE" create secret generic "$1" \
             --from-file=tls.crt="$PKI_DIR/$2.crt" --from-file=tls.key="$PKI_DIR/$2.key" \

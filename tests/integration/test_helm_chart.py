@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import io
 import json
 import os
 import re
@@ -25,8 +26,10 @@ import grpc
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
+from clients import ctl
 from core_services.auth.users import Identity, UserStore
 from core_services.edges.discovery import DiscoveredEdge
 from core_services.server import CoreServer
@@ -1194,6 +1197,52 @@ def test_kind_edges_advertise_the_host_ports_that_reach_them() -> None:
         assert s.media_advertise_address == "127.0.0.1"
     up = (ROOT / "deploy" / "kind" / "up.sh").read_text()
     assert '--values "$VALUES"' in up and 'VALUES="$ROOT/deploy/kind/values.yaml"' in up
+
+
+def test_kind_tls_certificates_from_up_sh_match_what_the_chart_checks(tmp_path: Path) -> None:
+    """TLS=1 up.sh: `telehealth-ctl pki init --zones ...` makes the certificates, stored as
+    Secrets telehealth-pki-core / -zone-<zone>; each edge's certificate must carry its role
+    URI and the tls_server_name the chart gives it."""
+    up = (ROOT / "deploy" / "kind" / "up.sh").read_text()
+    assert '--edges "" --zones zone-a,zone-b,zone-c --hosts "$hosts"' in up
+    assert 'secret "telehealth-pki-zone-$z" "edges-$z"' in up and "telehealth-pki-core core" in up
+    objs = render(
+        "kind", "--set", "tls.enabled=true", "--set", "tls.existingSecretPrefix=telehealth-pki"
+    )
+    configmaps = {c["metadata"]["name"]: c for c in of_kind(objs, "ConfigMap")}
+    edges = {}
+    for owner, spec in pod_specs(objs):
+        if component(owner) == "edge":
+            c = spec["containers"][0]
+            edges[owner["metadata"]["labels"]["telehealth.io/zone"]] = (
+                load_settings(EdgeSettings, environ=_env_of(c, configmaps)),
+                _tls_secret_of(spec),
+            )
+    # up.sh's --hosts: the core's and every zone's Service DNS name.
+    hosts = ",".join(
+        [f"telehealth-core.{NAMESPACE}.svc", *(s.tls_server_name for s, _ in edges.values())]
+    )
+    pki = tmp_path / "pki"
+    argv = [
+        "pki",
+        "init",
+        "--dir",
+        str(pki),
+        "--edges",
+        "",
+        "--zones",
+        ",".join(edges),
+        "--hosts",
+        hosts,
+    ]
+    assert ctl.main(argv, out=io.StringIO()) == 0
+    for zone, (s, secret) in edges.items():
+        assert secret == f"telehealth-pki-zone-{zone}"
+        cert = x509.load_pem_x509_certificate((pki / f"edges-{zone}.crt").read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert s.tls_server_name in san.get_values_for_type(x509.DNSName)
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        assert [parse_uri(u) for u in uris] == [PeerIdentity("zone", zone)]
 
 
 def test_node_port_media_keeps_port_numbers_and_one_edge_per_node() -> None:

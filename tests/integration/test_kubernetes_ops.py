@@ -18,7 +18,7 @@ from typing import cast
 
 import grpc
 import pytest
-from kubernetes.client import DiscoveryV1Api
+from kubernetes.client import DiscoveryV1Api, V1EndpointSlice
 
 from clients import ctl
 from core_services.edges.discovery import DiscoveredEdge, EndpointSliceDiscovery
@@ -72,16 +72,18 @@ async def test_discovery_events_make_edges_placeable_dead_back_and_gone(
 ) -> None:
     await edge_factory("edge-a", "zone-a")
     await edge_factory("edge-b", "zone-b")
-    state = lambda: core.edges.edges["edge-a"].state  # noqa: E731
+
+    def state() -> EdgeState:
+        return core.edges.edges["edge-a"].state
+
+    def slice_a(ready: bool) -> V1EndpointSlice:
+        return endpoint_slice("slice-a", [endpoint("edge-a", "10.0.0.1", "zone-a", ready)])
 
     # Heartbeating but not (yet) an endpoint of the edge Service: not trusted with sessions.
     await eventually(lambda: state() is EdgeState.DEAD, what="edge-a unknown to Kubernetes")
     assert await open_in_zone_a(core, channel_to) == "edge-b"
 
     # add: the pod's endpoint appears, ready.
-    slice_a = lambda ready: endpoint_slice(  # noqa: E731
-        "slice-a", [endpoint("edge-a", "10.0.0.1", "zone-a", ready)]
-    )
     watched.change("ADDED", slice_a(True))
     await eventually(lambda: state() is EdgeState.HEALTHY, what="edge-a added")
     assert await open_in_zone_a(core, channel_to) == "edge-a"
@@ -101,6 +103,10 @@ async def test_discovery_events_make_edges_placeable_dead_back_and_gone(
     await eventually(lambda: state() is EdgeState.DEAD, what="edge-a deleted")
     assert await open_in_zone_a(core, channel_to) == "edge-b"
     assert core.edges.edges["edge-b"].state is EdgeState.HEALTHY
+
+
+def edge_state(core: CoreServer, edge_id: str) -> EdgeState:
+    return core.edges.edges[edge_id].state
 
 
 def _node(name: str, zone: str) -> dict[str, object]:
@@ -144,7 +150,7 @@ async def test_drain_cordon_marks_the_zones_nodes_unschedulable_and_undo_reverts
         assert code == 0, text
         assert "cordoned node(s) of zone-a: kind-worker, kind-worker3" in text
         assert unschedulable() == {"kind-worker": True, "kind-worker2": False, "kind-worker3": True}
-        assert core.edges.edges["edge-a"].state is EdgeState.DRAINING
+        assert edge_state(core, "edge-a") is EdgeState.DRAINING
         patched = [p for m, p in api.requests if m == "PATCH"]
         assert patched == ["/api/v1/nodes/kind-worker", "/api/v1/nodes/kind-worker3"]
 
@@ -154,4 +160,4 @@ async def test_drain_cordon_marks_the_zones_nodes_unschedulable_and_undo_reverts
         assert unschedulable() == {
             n: False for n in ("kind-worker", "kind-worker2", "kind-worker3")
         }
-        assert core.edges.edges["edge-a"].state is EdgeState.HEALTHY
+        assert edge_state(core, "edge-a") is EdgeState.HEALTHY
