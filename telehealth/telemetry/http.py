@@ -120,6 +120,11 @@ class HttpServer:
             tls.reload_if_changed()
 
     @property
+    def app(self) -> web.Application:
+        """The application served (its router lists every route, e.g. for the hostile suite)."""
+        return self._app
+
+    @property
     def url(self) -> str:
         scheme = "https" if self.tls is not None else "http"
         return f"{scheme}://{self._host}:{self.port}"
