@@ -313,6 +313,11 @@ STANDARD_NOTES = (
     "the row's p99 (so it explains part of the figure). Such a row measures the "
     "generator as much as the system: its latency overstates the system's, its throughput "
     "understates it, and it is never taken as a ceiling; ratios against it are bounds.",
+    "gRPC deliveries are timestamped on the generator's event loop, which the senders share; "
+    "MQTT deliveries in paho's network threads. A gRPC timestamp can be late by at most the "
+    "time a ready callback waits for the loop, which generator_loop_lag_ms measures per row "
+    "(checked with the subscribers in a process of their own: no difference beyond "
+    "run-to-run noise at 100 patients).",
     "generator_send_lag_ms per row is how late the generator wrote each batch (asyncio timer "
     "wake-ups, its loop, and a write blocked by the server's flow control on the same stream); "
     "it is included in every path's latency alike.",
