@@ -72,6 +72,30 @@ def latency_vs_load(rows: Sequence[dict[str, Any]], out: Path, limit_ms: float =
             alpha=0.6,
             label=f"{path} p50",
         )
+    # Lower bounds (batches never sent or delivered counted at the time given up on) and
+    # generator-bound rows, marked so the curve is not read as exact there.
+    lb = [r for r in rows if r.get("latency_lower_bound", {}).get("p99")]
+    if lb:
+        ax.plot(
+            [r["offered_batches_per_s"] for r in lb],
+            [r["latency_ms"]["p99"] for r in lb],
+            "^",
+            ms=11,
+            mfc="none",
+            color="k",
+            label="p99 only a lower bound (≥)",
+        )
+    gb = [r for r in rows if r.get("generator_bound", {}).get("bound")]
+    if gb:
+        ax.plot(
+            [r["offered_batches_per_s"] for r in gb],
+            [r["latency_ms"]["p99"] for r in gb],
+            "s",
+            ms=12,
+            mfc="none",
+            color="#7f7f7f",
+            label="generator-bound",
+        )
     ax.axhline(limit_ms, color="k", lw=0.8, ls=":", label=f"{limit_ms:g} ms")
     ax.set_yscale("log")
     ax.set_xlabel("offered batches/s")
