@@ -1133,7 +1133,10 @@ async def run(spec: GeneratorSpec) -> dict[str, Any]:
                 ok = step_passes(res, spec.p99_limit_ms)
                 res["passes"] = ok
                 res["retry"] = step.retry
-                if not ok and not step.retry and spec.retry_failures:
+                # A failure with the generator's CPU saturated is not retried: a second try
+                # would measure the same generator (retries are for the shared machine's noise).
+                saturated_generator = res["generator_bound"]["cpu_percent"] >= GENERATOR_BOUND_CPU
+                if not ok and not step.retry and spec.retry_failures and not saturated_generator:
                     # The machine may be shared: a level fails only if a second try fails too.
                     steps.insert(i + 1, StepSpec(step.patients, step.duration_s, 0.0, retry=True))
                     if i < planned:
