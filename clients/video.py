@@ -147,8 +147,10 @@ class AdaptiveVideoTrack(MediaStreamTrack):
             if self.readyState != "live":
                 raise MediaStreamError
             frame = await self.source.recv()
-            if self.mode == media_pb2.CALL_MODE_AUDIO_ONLY or not isinstance(frame, VideoFrame):
+            if self.mode == media_pb2.CALL_MODE_AUDIO_ONLY:
                 continue
+            if not isinstance(frame, VideoFrame):
+                return frame  # pre-encoded (a packet loop): sent as it is, it cannot be scaled
             if self.mode == media_pb2.CALL_MODE_REDUCED:
                 now = time.monotonic()
                 if now - self._last_sent < 1.0 / REDUCED_MAX_FPS * 0.9:
