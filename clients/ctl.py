@@ -316,7 +316,10 @@ class WatchView:
             (p.measured_unix_ns for p in counted), default=n.computed_unix_ns
         )
         oldest = min(counted, key=lambda p: p.measured_unix_ns, default=None)
-        of = f" ({NEWS2_LABELS.get(oldest.parameter, oldest.parameter)})" if oldest else ""
+        newest = max((p.measured_unix_ns for p in counted), default=0)
+        of = ""
+        if oldest is not None and oldest.measured_unix_ns < newest:
+            of = f" ({NEWS2_LABELS.get(oldest.parameter, oldest.parameter)})"
         line = (
             f"  NEWS2 {n.total:>2}  risk {BANDS.get(n.band, '?'):<10}"
             f"{'' if n.complete else ' (incomplete)'}  inputs up to {age(oldest_ns, now_ns)} old{of}"

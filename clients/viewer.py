@@ -13,7 +13,8 @@ every batch once and in seq order, with what the edge cannot replay filled from 
             elif isinstance(ev, Missing):     # seqs neither the edge nor the archive had
                 ...
 
-Guarantees: VitalsEvent batches come with strictly increasing seq, never twice (whether
+Guarantees: VitalsEvent batches (other than the seq-0 snapshot of the latest readings a new
+subscription starts with, VitalsEvent.snapshot) come with strictly increasing seq, never twice (whether
 from the live stream, an edge's replay or the archive); seqs the edge reports as missed are
 fetched from ArchiveService.QueryVitals before any later batch is shown, waiting up to
 fill_timeout_s for the archive to catch up; what is still absent then is reported as Missing
@@ -77,6 +78,12 @@ class VitalsEvent:
 
     event: Event
     from_archive: bool = False
+
+    @property
+    def snapshot(self) -> bool:
+        """A batch with seq 0: the edge's latest readings sent to a new view (include_latest),
+        each field at its own device time; not a published batch."""
+        return self.event.HasField("batch") and self.event.batch.seq == 0
 
 
 @dataclass(frozen=True)
@@ -275,6 +282,21 @@ class SessionViewer:
         reason, unreachable = "start", ""
         backoff = 0.1
         switch_at = float("inf")  # when to try opening `pending` (again)
+
+        def take_over(new: _Sub) -> Following:
+            nonlocal active, pending, pending_reason, backoff, switch_at
+            active, pending = new, None
+            self._check_seam = True
+            self.edge_id = new.edge_id
+            if new.reason == "moving":
+                self.stats.moves_followed += 1
+                self.stats.edges.append(new.edge_id)
+            else:
+                self.stats.token_refreshes += 1
+            pending_reason, backoff = "", 0.1
+            switch_at = self._refresh_due(new)
+            return Following(new.edge_id, new.reason, new.resume_after_seq)
+
         try:
             while True:
                 if active is None:
@@ -298,8 +320,10 @@ class SessionViewer:
                     self._check_seam = True
                     self.edge_id = a.edge_id
                     self.stats.edges.append(a.edge_id)
+                    if reason == "moving":
+                        self.stats.moves_followed += 1
+                    switch_at = self._refresh_due(active)
                     yield Following(a.edge_id, reason, self.last_seq)
-                    switch_at = min(switch_at, self._refresh_due(active))
                 now = time.monotonic()
                 timeout = None if switch_at == float("inf") else max(0.0, switch_at - now)
                 try:
@@ -336,19 +360,8 @@ class SessionViewer:
                         backoff = min(backoff * 2, self._backoff_cap_s)
                         continue
                     # The new subscription delivers: drop the old one and go on with it.
-                    old, active, pending = active, pending, None
-                    await self._close(old)
-                    self._check_seam = True
-                    self.edge_id = active.edge_id
-                    if active.reason == "moving":
-                        self.stats.moves_followed += 1
-                        self.stats.edges.append(active.edge_id)
-                    else:
-                        self.stats.token_refreshes += 1
-                    pending_reason = ""
-                    backoff = 0.1
-                    switch_at = self._refresh_due(active)
-                    yield Following(active.edge_id, active.reason, active.resume_after_seq)
+                    await self._close(active)
+                    yield take_over(sub)
                 elif sub is not active:
                     continue  # a closed subscription's last words
                 if isinstance(item, _End):
@@ -358,8 +371,12 @@ class SessionViewer:
                     active = None
                     if pending is not None:
                         # The old edge let go first; the new subscription is already open.
-                        active, pending = pending, None
-                        self._check_seam = True
+                        yield take_over(pending)
+                        continue
+                    if pending_reason == "moving":
+                        # Released before the core named the new edge to us: attach now.
+                        reason, pending_reason = "moving", ""
+                        switch_at = float("inf")
                         continue
                     self.stats.resubscribes += 1
                     err = item.error
@@ -398,6 +415,9 @@ class SessionViewer:
         kind = ev.WhichOneof("event")
         if kind == "batch":
             seq = ev.batch.seq
+            if seq == 0:
+                yield VitalsEvent(ev)  # the latest readings (include_latest), not a batch
+                return
             if seq <= self.last_seq:
                 self.stats.duplicates_dropped += 1
                 return

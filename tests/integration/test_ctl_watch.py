@@ -18,7 +18,14 @@ from clients.viewer import Following, Interrupted, Missing, SessionViewer, Vital
 from core_services.server import CoreServer
 from edge_nodes.server import EdgeServer
 from telehealth.rpc import bearer, channel_options
-from telehealth.v1 import sessions_pb2, sessions_pb2_grpc, vitals_pb2, vitals_pb2_grpc
+from telehealth.v1 import (
+    edges_pb2,
+    edges_pb2_grpc,
+    sessions_pb2,
+    sessions_pb2_grpc,
+    vitals_pb2,
+    vitals_pb2_grpc,
+)
 from tests.conftest import EdgeFactory, Metadata, eventually, staff
 
 ChannelTo = Callable[[str], grpc.aio.Channel]
@@ -160,7 +167,7 @@ async def test_viewer_follows_edge_loss_with_every_batch_once_in_order(
 
     async def watch() -> None:
         async for ev in viewer:
-            if isinstance(ev, VitalsEvent) and ev.event.HasField("batch"):
+            if isinstance(ev, VitalsEvent) and ev.event.HasField("batch") and not ev.snapshot:
                 seqs.append(ev.event.batch.seq)
                 if ev.from_archive:
                     archive_seqs.append(ev.event.batch.seq)
@@ -217,7 +224,7 @@ async def test_viewer_resuming_late_gets_what_the_edge_lacks_from_the_archive(
 
     async def watch() -> None:
         async for ev in viewer:
-            if isinstance(ev, VitalsEvent) and ev.event.HasField("batch"):
+            if isinstance(ev, VitalsEvent) and ev.event.HasField("batch") and not ev.snapshot:
                 seqs.append(ev.event.batch.seq)
                 if ev.from_archive:
                     from_archive.append(ev.event.batch.seq)
@@ -236,3 +243,56 @@ async def test_viewer_resuming_late_gets_what_the_edge_lacks_from_the_archive(
     assert not missing
     assert from_archive[0] == 6 and from_archive[-1] >= 30
     assert from_archive == seqs[: len(from_archive)]
+
+
+async def test_viewer_follows_a_drain_before_the_old_edge_lets_go(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    await edge_factory("edge-a", "zone-a")
+    await edge_factory("edge-b", "zone-b")
+    stop = asyncio.Event()
+    device = DeviceAgent(DeviceConfig(core.address, "p-drained", "zone-a"))
+    run = asyncio.create_task(device.run(stop))
+    await eventually(lambda: device.received_seq >= 5, what="device streaming")
+    viewer = SessionViewer(
+        channel_to(core.address),
+        device.session_id,
+        metadata=await staff(core, "clinician", ("p-drained",)),
+    )
+    seqs: list[int] = []
+    notes: list[object] = []
+
+    async def watch() -> None:
+        async for ev in viewer:
+            if isinstance(ev, VitalsEvent) and ev.event.HasField("batch") and not ev.snapshot:
+                seqs.append(ev.event.batch.seq)
+            elif not isinstance(ev, VitalsEvent):
+                notes.append(ev)
+
+    task = asyncio.create_task(watch())
+    await eventually(lambda: len(seqs) >= 10, what="viewer live on edge-a")
+    edges = edges_pb2_grpc.EdgesServiceStub(channel_to(core.address))
+    drained = await edges.Drain(
+        edges_pb2.DrainEdgeRequest(edge_id="edge-a", draining=True),
+        metadata=await staff(core, "operator"),
+    )
+    assert drained.edge.placed_sessions == 0
+    await eventually(lambda: viewer.stats.moves_followed == 1, what="viewer followed the move")
+    mark = device.next_seq()
+    await eventually(lambda: seqs[-1] > mark + 10, what="live on edge-b")
+    stop.set()
+    await asyncio.wait_for(run, 15)
+    last = device.next_seq() - 1
+    await eventually(lambda: seqs[-1] == last, timeout=10, what="viewer saw the last batch")
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert seqs == list(range(seqs[0], last + 1)), "a batch shown twice, out of order, or lost"
+    # Make-before-break for the view: it was never interrupted, and never fell back on the
+    # archive.
+    assert viewer.stats.resubscribes == 0 and viewer.stats.filled_from_archive == 0
+    assert not [n for n in notes if isinstance(n, (Interrupted, Missing))]
+    assert [(n.edge_id, n.reason) for n in notes if isinstance(n, Following)] == [
+        ("edge-a", "start"),
+        ("edge-b", "moving"),
+    ]
+    assert device.stats.reconnects == 0 and device.stats.handovers == 1

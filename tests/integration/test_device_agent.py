@@ -4,16 +4,18 @@ moves, and never gives up on a recoverable status (rate limiting, token expiry).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
 
 from clients.device import Backlog, DeviceAgent, DeviceConfig
 from core_services.server import CoreServer
-from telehealth.v1 import archive_pb2, archive_pb2_grpc, vitals_pb2
+from telehealth.rpc import bearer
+from telehealth.v1 import archive_pb2, archive_pb2_grpc, vitals_pb2, vitals_pb2_grpc
 from tests.conftest import EdgeFactory, eventually
 
 
@@ -66,26 +68,57 @@ async def test_agent_follows_its_session_when_the_edge_dies(
 
 
 async def test_agent_survives_rate_limiting_and_archives_everything(
-    core: CoreServer, edge_factory: EdgeFactory
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: Callable[[str], grpc.aio.Channel]
 ) -> None:
-    # The edge allows 15 batches/s (burst 10) and the device sends 25/s: the limiter ends
-    # its stream with RESOURCE_EXHAUSTED again and again. The agent must back off and come
-    # back each time, and in the end the archive has every batch exactly once.
-    await edge_factory(publish_rate_batches_per_s=15.0, publish_burst_batches=10)
+    # The edge paces a publisher over its rate and refuses (RESOURCE_EXHAUSTED) only a session
+    # owing more than a burst across parallel streams. A second publisher of the same session
+    # (a duplicated device) flooding beside the agent gets the agent's stream refused too: the
+    # agent must back off, come back, and in the end the archive has every batch once.
+    edge = await edge_factory(publish_rate_batches_per_s=30.0, publish_burst_batches=1)
+    stop = asyncio.Event()
     agent = DeviceAgent(DeviceConfig(core.address, "p-limited", "zone-a", flush_timeout_s=20))
-    stats = await asyncio.wait_for(agent.run(asyncio.Event(), duration_s=1.5), 60)
-    assert stats.rate_limited >= 1
+    run = asyncio.create_task(agent.run(stop))
+    await eventually(lambda: agent.received_seq >= 5, what="agent streaming")
+    flooding = asyncio.Event()
+    flooding.set()
+
+    async def flood() -> None:
+        dup = vitals_pb2.PublishVitalsRequest(
+            batch=vitals_pb2.VitalsBatch(session_id=agent.session_id, seq=1)
+        )
+
+        async def reqs() -> AsyncIterator[vitals_pb2.PublishVitalsRequest]:
+            while flooding.is_set():
+                yield dup
+
+        stub = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
+        while flooding.is_set():
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                async for _ in stub.Publish(reqs(), metadata=bearer(agent.token)):
+                    pass
+
+    rogue = asyncio.create_task(flood())
+    await eventually(lambda: agent.stats.rate_limited >= 1, timeout=20, what="agent refused")
+    flooding.clear()
+    rogue.cancel()
+    await asyncio.gather(rogue, return_exceptions=True)
+    mark = agent.received_seq
+    await eventually(lambda: agent.received_seq > mark + 10, what="agent back after refusals")
+    stop.set()
+    stats = await asyncio.wait_for(run, 30)
+    assert stats.reconnects >= stats.rate_limited >= 1
     assert agent.pending == 0, f"{agent.pending} batches never archived"
     wm = await archived(core, agent.session_id)
-    assert wm.watermark.archived_seq == 38 == wm.archived_batches
+    assert wm.watermark.archived_seq == agent.next_seq() - 1 == wm.archived_batches
 
 
 async def test_agent_paces_a_backlog_instead_of_bursting_it(
     core: CoreServer, edge_factory: EdgeFactory
 ) -> None:
-    # 300 batches are waiting when the stream opens; the edge tolerates a burst of 100 and
-    # 200/s, the device resends at 150/s: no refusal, nothing lost.
-    await edge_factory(publish_rate_batches_per_s=200.0, publish_burst_batches=100)
+    # 300 batches are waiting when the stream opens; the edge takes a burst of 100 and then
+    # 200/s, pacing (holding back) a publisher beyond that. The device resends at 150/s, so
+    # the edge never has to hold it back, and nothing is lost.
+    edge = await edge_factory(publish_rate_batches_per_s=200.0, publish_burst_batches=100)
     agent = DeviceAgent(DeviceConfig(core.address, "p-backlog", "zone-a", flush_timeout_s=20))
 
     class Backlogged(DeviceAgent):
@@ -98,6 +131,7 @@ async def test_agent_paces_a_backlog_instead_of_bursting_it(
     agent = Backlogged(agent.cfg)
     stats = await asyncio.wait_for(agent.run(asyncio.Event()), 60)
     assert stats.rate_limited == 0 and stats.reconnects == 0
+    assert edge.guard.paced == 0
     assert agent.pending == 0
     wm = await archived(core, agent.session_id)
     assert wm.watermark.archived_seq == 300 == wm.archived_batches
@@ -109,9 +143,7 @@ async def test_rejection_logs_name_fields_not_values(
     await edge_factory()
 
     class OneBadReading(DeviceAgent):
-        def make_batch(
-            self, t0_ns: int, t_s: float, with_vitals: bool
-        ) -> vitals_pb2.VitalsBatch:
+        def make_batch(self, t0_ns: int, t_s: float, with_vitals: bool) -> vitals_pb2.VitalsBatch:
             b = super().make_batch(t0_ns, t_s, with_vitals)
             if b.seq == 26:  # carries the second reading
                 b.vitals[0].heart_rate_bpm = 917.0
@@ -164,3 +196,34 @@ async def test_a_full_backlog_is_counted_and_logged(
     assert any(
         r.levelno == logging.ERROR and "backlog full" in r.getMessage() for r in caplog.records
     )
+
+
+async def test_zone_change_is_a_handover_not_a_reconnect(
+    core: CoreServer, edge_factory: EdgeFactory
+) -> None:
+    edge_a = await edge_factory("edge-a", "zone-a")
+    edge_b = await edge_factory("edge-b", "zone-b")
+    stop = asyncio.Event()
+    agent = DeviceAgent(DeviceConfig(core.address, "p-mover", "zone-a"))
+    run = asyncio.create_task(agent.run(stop))
+    await eventually(lambda: agent.received_seq >= 10, what="streaming to edge-a")
+    assert await agent.change_zone("zone-b")
+    await eventually(lambda: agent.stats.handovers == 1, what="handover to edge-b")
+    assert agent.assignment is not None and agent.assignment.edge_id == "edge-b"
+    # The old stream was closed only after edge-b acknowledged: the handover time is to the
+    # first ack from edge-b, and edge-b has everything the archive did not hold at the switch.
+    assert len(agent.stats.handovers_s) == 1
+    mark = agent.received_seq
+    await eventually(lambda: agent.received_seq > mark + 10, what="streaming on edge-b")
+    sid = agent.session_id
+    await eventually(
+        lambda: (a := edge_a.sessions.assignments.get(sid)) is not None and a.released,
+        what="edge-a released",
+    )
+    stop.set()
+    stats = await asyncio.wait_for(run, 30)
+    assert stats.reconnects == 0 and stats.gaps_s == []
+    assert stats.edges == ["edge-a", "edge-b"]
+    assert edge_b.sessions.channels[sid].watermark.value == agent.next_seq() - 1
+    wm = await archived(core, sid)
+    assert wm.watermark.archived_seq == agent.next_seq() - 1 == wm.archived_batches
