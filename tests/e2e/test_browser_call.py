@@ -21,6 +21,7 @@ from core_services.server import CoreServer
 from edge_nodes.server import EdgeServer
 from edge_nodes.vision.synthetic import SyntheticFace
 from tests.conftest import EdgeFactory, eventually
+from tests.integration.test_media_call import LossyUplink
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
@@ -45,7 +46,7 @@ pytestmark = [
     pytest.mark.skipif(
         not os.path.exists(CHROMIUM), reason="needs Debian's chromium (make browser)"
     ),
-    pytest.mark.timeout(180),
+    pytest.mark.timeout(300),
 ]
 
 
@@ -99,11 +100,28 @@ async def frames_grow(page: Any, what: str) -> None:
     await eventually(more, 30, f"{what}: frames keep being decoded")
 
 
+def looping_face(tmp_path: Path) -> Path:
+    """The fake camera's clip. Chromium loops it, so it is made to loop seamlessly: 20 s hold
+    a whole number of pulses at 75 bpm (25) and of both sway periods (5 s and 6.7 s), and the
+    edge's rPPG sees one steady pulse (a 4 s clip jumped every loop and gave no pulse)."""
+    clip = SyntheticFace(pulse_bpm=75.0, width=320, height=240, fps=15.0)
+    return clip.write_y4m(tmp_path / "face.y4m", 20.0)
+
+
+async def label(page: Any, text: str, timeout: float = 40) -> None:
+    """Wait for the console's call-mode label to read `text`."""
+    await eventually(
+        lambda: page.evaluate(f"document.getElementById('p-mode').textContent === {text!r}"),
+        timeout,
+        f"the console's mode label says {text!r}",
+    )
+
+
 async def test_patient_page_and_console_see_each_other_through_the_edge(
     core: CoreServer, edge: EdgeServer, device: DeviceAgent, tmp_path: Path
 ) -> None:
     sid = device.session_id
-    face = SyntheticFace(width=320, height=240, fps=15.0).write_y4m(tmp_path / "face.y4m", 4.0)
+    face = looping_face(tmp_path)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     async with playwright_api.async_playwright() as pw:
         clinician = await launch(pw, tmp_path, "clinician", [])
@@ -171,8 +189,50 @@ async def test_patient_page_and_console_see_each_other_through_the_edge(
                 20,
                 "call quality figures",
             )
+            await label(console, "Full video")
+            # The edge's video pulse reaches the console beside the device's and the ECG's.
+            await eventually(
+                lambda: console.evaluate(
+                    f"(() => {{ const p = window.telehealth.patients.get('{sid}'); return p && p.rppg && p.rppg.value; }})()"
+                ),
+                60,
+                "a video pulse (rPPG) in the console",
+            )
+            rppg = await console.evaluate(f"window.telehealth.patients.get('{sid}').rppg.value")
+            assert abs(rppg - 75.0) <= 5.0, rppg
+            await console.wait_for_function(
+                "[...document.querySelectorAll('#p-values div')].some((d) => "
+                "d.textContent.startsWith('Pulse (video)') && /\\d/.test(d.querySelector('dd').textContent))"
+            )
+            assert "fps" in (await console.text_content("#q-patient") or "")
             await page.screenshot(path=str(SCREENSHOTS / "patient-page.png"), full_page=True)
             await console.screenshot(path=str(SCREENSHOTS / "console-patient.png"))
+
+            # A lossy uplink from the patient (RTP dropped at the edge's socket): the call steps
+            # down, the console's label says so, the page sends less, and it all comes back.
+            call = edge.media.calls.calls[sid]
+            assert call.patient is not None
+            link = LossyUplink(call.patient.pc)
+            link.loss = 0.10
+            await label(console, "Reduced video")
+            await eventually(
+                lambda: page.evaluate("window.telehealth.sendMode === 'CALL_MODE_REDUCED'"),
+                10,
+                "the patient page sends reduced video",
+            )
+            link.loss = 0.35
+            await label(console, "Audio only")
+            await eventually(
+                lambda: page.evaluate("window.telehealth.sendMode === 'CALL_MODE_AUDIO_ONLY'"),
+                10,
+                "the patient page stops sending video",
+            )
+            assert "audio only" in (await console.text_content("#p-banner") or "")
+            await console.screenshot(path=str(SCREENSHOTS / "console-audio-only.png"))
+            link.loss = 0.0
+            await label(console, "Reduced video")
+            await label(console, "Full video")
+            assert link.dropped > 50
 
             await console.click("#hangup")
             await page.click("#leave")
@@ -180,7 +240,12 @@ async def test_patient_page_and_console_see_each_other_through_the_edge(
         finally:
             await clinician.close()
             await patient.close()
-    for name in ("console-ward.png", "console-patient.png", "patient-page.png"):
+    for name in (
+        "console-ward.png",
+        "console-patient.png",
+        "patient-page.png",
+        "console-audio-only.png",
+    ):
         assert (SCREENSHOTS / name).stat().st_size > 10_000
     shutil.rmtree(tmp_path / "profile-clinician", ignore_errors=True)
     shutil.rmtree(tmp_path / "profile-patient", ignore_errors=True)
