@@ -249,3 +249,105 @@ async def test_patient_page_and_console_see_each_other_through_the_edge(
         assert (SCREENSHOTS / name).stat().st_size > 10_000
     shutil.rmtree(tmp_path / "profile-clinician", ignore_errors=True)
     shutil.rmtree(tmp_path / "profile-patient", ignore_errors=True)
+
+
+async def sign_in(console: Any, core: CoreServer, user: str) -> None:
+    await console.goto(core.http.url + "/console")
+    await console.wait_for_url("**/login?next=/console")
+    await console.fill("#user", user)
+    await console.fill("#password", PASSWORD)
+    await console.click("#sign-in")
+    await console.wait_for_url("**/console")
+
+
+async def test_a_moved_session_brings_the_patient_page_and_the_console_along(
+    core: CoreServer, edge_factory: EdgeFactory, tmp_path: Path
+) -> None:
+    edges = {
+        "edge-a": await edge_factory("edge-a", media_udp_port_min=41270, media_udp_port_max=41301),
+        "edge-b": await edge_factory("edge-b", media_udp_port_min=41310, media_udp_port_max=41341),
+    }
+    await core.security.users.add_user("dr-move", "clinician", PASSWORD)
+    await core.security.users.assign("dr-move", "patient-077")
+    agent = DeviceAgent(DeviceConfig(core.address, "patient-077", "zone-a"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    face = looping_face(tmp_path)
+    try:
+        await eventually(lambda: agent.session_id, 10, "device opened its session")
+        sid = agent.session_id
+        first = (await core.directory.get(sid)).edge_id
+        async with playwright_api.async_playwright() as pw:
+            clinician = await launch(pw, tmp_path, "clinician", [])
+            patient = await launch(
+                pw, tmp_path, "patient", [f"--use-file-for-fake-video-capture={face}"]
+            )
+            try:
+                console = await clinician.new_page()
+                await sign_in(console, core, "dr-move")
+                await console.wait_for_selector(f'tr[data-session="{sid}"]', timeout=20_000)
+                await console.click(f'tr[data-session="{sid}"]')
+                await console.click("#invite")
+                link = await eventually(
+                    lambda: console.evaluate("window.telehealth.inviteLink"), 10, "invite link"
+                )
+                page = await patient.new_page()
+                await page.goto(link + "&autojoin=1")
+                await page.wait_for_url(edges[first].media.http_url + "/patient#**")
+                await eventually(
+                    lambda: page.evaluate("window.telehealth.connected"), 30, "patient in"
+                )
+                await console.click("#call")
+                await frames_grow(console, "clinician sees the patient")
+                await frames_grow(page, "patient sees the clinician")
+                seen = f"window.telehealth.patients.get('{sid}')"
+                before = await console.evaluate(f"{seen}.lastSeq")
+
+                # The core moves the session (a drain of its edge), make-before-break.
+                _, moved = await core.directory.relocate(sid, "drain")
+                assert moved
+                second = (await core.directory.get(sid)).edge_id
+                assert second != first
+                new = edges[second].media.http_url
+                # The patient page comes back through the core's /join by itself, at the new
+                # edge, and joins the call again; the console follows with its view and call.
+                await page.wait_for_url(new + "/patient#**", timeout=30_000)
+                await eventually(
+                    lambda: page.evaluate("window.telehealth.connected"), 30, "patient back in"
+                )
+                await eventually(
+                    lambda: console.evaluate(f"{seen}.edgeHttp === {new!r}"),
+                    30,
+                    "the console's vitals view on the new edge",
+                )
+                await eventually(
+                    lambda: console.evaluate(
+                        f"window.telehealth.connected && {seen}.ws && {seen}.ws.url.startsWith({new.replace('http', 'ws')!r})"
+                    ),
+                    30,
+                    "the console's call and view at the new edge",
+                )
+                await frames_grow(console, "clinician sees the patient again")
+                await frames_grow(page, "patient sees the clinician again")
+                # The view resumed: readings go on past those seen before the move.
+                await eventually(
+                    lambda: console.evaluate(f"{seen}.lastSeq > {before} + 10"),
+                    20,
+                    "vitals continue",
+                )
+                assert await console.evaluate("window.telehealth.moves >= 1")
+                assert edges[second].media.calls.peer_count == 2
+                await eventually(
+                    lambda: edges[first].media.calls.peer_count == 0, 30, "old edge let go"
+                )
+                await console.click("#hangup")
+                await page.click("#leave")
+                await eventually(
+                    lambda: edges[second].media.calls.peer_count == 0, 20, "call ended"
+                )
+            finally:
+                await clinician.close()
+                await patient.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
