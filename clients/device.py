@@ -99,6 +99,7 @@ class DeviceStats:
     # Calls to the core that failed (it was down or refused); the device kept its data.
     core_failures: int = 0
     token_refreshes: int = 0
+    refresh_refused: int = 0
     # Batches dropped unarchived because the backlog passed its bound (never silently: each
     # episode is logged as an error), and how many times that happened.
     dropped_unacked: int = 0
@@ -530,7 +531,18 @@ class DeviceAgent:
                 return  # the call is over; the reader reports how
 
     def _on_response(self, s: _Stream, resp: vitals_pb2.PublishVitalsResponse) -> None:
-        if resp.HasField("rejection"):
+        if resp.HasField("rejection") and resp.rejection.seq == 0:
+            # Not a batch: the edge refused the token sent in-band (the stream keeps its old
+            # one until it expires, then the agent attaches again).
+            self.stats.refresh_refused += 1
+            log.warning(
+                "edge refused the renewed token",
+                extra={
+                    "session": self.session_id,
+                    "code": STATUS_NAMES.get(resp.rejection.code, str(resp.rejection.code)),
+                },
+            )
+        elif resp.HasField("rejection"):
             self.stats.rejected += 1
             r = resp.rejection
             if r.seq > self._dropped_through:  # a lost-batch marker is refused by design
@@ -624,7 +636,9 @@ class DeviceAgent:
                             raise
                         self.stats.core_failures += 1
                         log.log(
-                            logging.ERROR if backoff >= BACKOFF_CAP_S else logging.INFO,
+                            logging.ERROR
+                            if backoff >= BACKOFF_CAP_S and give_up_at is None
+                            else logging.INFO,
                             "core unreachable or refusing; retrying",
                             extra={
                                 "code": e.code().name,

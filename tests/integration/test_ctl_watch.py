@@ -296,3 +296,39 @@ async def test_viewer_follows_a_drain_before_the_old_edge_lets_go(
         ("edge-b", "moving"),
     ]
     assert device.stats.reconnects == 0 and device.stats.handovers == 1
+
+
+async def test_viewer_resubscribes_before_its_token_expires_without_a_hole(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    # Viewer tokens live ~3 s and the edge ends a view whose token has expired: the viewer
+    # subscribes again beside the old stream before that (resume_after_seq = last seen).
+    await edge_factory()
+    stop = asyncio.Event()
+    device = DeviceAgent(DeviceConfig(core.address, "p-renewed", "zone-a"))
+    run = asyncio.create_task(device.run(stop))
+    await eventually(lambda: device.received_seq >= 5, what="device streaming")
+    login = await staff(core, "clinician", ("p-renewed",))
+    core.issuer.ttl_s = 3
+    viewer = SessionViewer(channel_to(core.address), device.session_id, metadata=login)
+    seqs: list[int] = []
+    notes: list[object] = []
+
+    async def watch() -> None:
+        async for ev in viewer:
+            if isinstance(ev, VitalsEvent) and ev.event.HasField("batch") and not ev.snapshot:
+                seqs.append(ev.event.batch.seq)
+            elif not isinstance(ev, VitalsEvent):
+                notes.append(ev)
+
+    task = asyncio.create_task(watch())
+    await eventually(lambda: viewer.stats.token_refreshes >= 2, timeout=15, what="two renewals")
+    stop.set()
+    await asyncio.wait_for(run, 30)
+    last = device.next_seq() - 1
+    await eventually(lambda: seqs and seqs[-1] == last, timeout=10, what="the last batch")
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert seqs == list(range(seqs[0], last + 1)), "a batch shown twice, out of order, or lost"
+    assert viewer.stats.resubscribes == 0
+    assert not [n for n in notes if isinstance(n, (Interrupted, Missing))]

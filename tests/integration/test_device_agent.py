@@ -227,3 +227,40 @@ async def test_zone_change_is_a_handover_not_a_reconnect(
     assert edge_b.sessions.channels[sid].watermark.value == agent.next_seq() - 1
     wm = await archived(core, sid)
     assert wm.watermark.archived_seq == agent.next_seq() - 1 == wm.archived_batches
+
+
+async def test_agent_renews_its_token_in_band_without_reconnecting(
+    core: CoreServer, edge_factory: EdgeFactory
+) -> None:
+    # Tokens live ~3 s here and the edge ends a stream whose token has expired: the agent
+    # must renew through the core before 2/3 of the lifetime and hand the new token to the
+    # open stream (PublishVitalsRequest.refresh_token), never losing the stream.
+    await edge_factory()
+    core.issuer.ttl_s = 3
+    agent = DeviceAgent(DeviceConfig(core.address, "p-renew", "zone-a"))
+    stats = await asyncio.wait_for(agent.run(asyncio.Event(), duration_s=7.0), 40)
+    assert stats.token_refreshes >= 2
+    assert stats.reconnects == 0 and stats.rejected == 0
+    wm = await archived(core, agent.session_id)
+    assert wm.watermark.archived_seq == 175 == wm.archived_batches
+
+
+async def test_agent_whose_token_expires_attaches_again_and_loses_nothing(
+    core: CoreServer, edge_factory: EdgeFactory
+) -> None:
+    # An agent that could not renew in time (asleep, core away): the edge ends its stream
+    # with UNAUTHENTICATED at expiry; the agent attaches again (the core renews an expired
+    # device token within its grace period) and resends what the archive lacks.
+    await edge_factory()
+    core.issuer.ttl_s = 2
+
+    class NeverRenews(DeviceAgent):
+        def _refresh_due_in(self) -> float:
+            return float("inf")
+
+    agent = NeverRenews(DeviceConfig(core.address, "p-expired", "zone-a"))
+    stats = await asyncio.wait_for(agent.run(asyncio.Event(), duration_s=5.0), 40)
+    assert stats.reconnects >= 1 and stats.token_refreshes == 0
+    assert agent.pending == 0
+    wm = await archived(core, agent.session_id)
+    assert wm.watermark.archived_seq == 125 == wm.archived_batches
