@@ -176,26 +176,39 @@ def test_backlog_is_bounded_by_bytes_and_drops_oldest_first() -> None:
         b.append(23, b"x")
 
 
-async def test_a_full_backlog_is_counted_and_logged(
+async def test_a_full_backlog_is_logged_counted_and_then_passed_by_the_archive(
     core: CoreServer, edge_factory: EdgeFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     # ~20 batches fit; the edge is gone for longer than that, so the oldest must go, loudly.
-    edge = await edge_factory()
+    # Once an edge is back the agent sends each dropped seq as an empty batch, which the
+    # edge refuses into a tombstone: the archive's watermark passes the loss and moves on.
+    edge = await edge_factory("edge-a", "zone-a")
     stop = asyncio.Event()
     agent = DeviceAgent(
-        DeviceConfig(core.address, "p-full", "zone-a", max_backlog_bytes=2000, flush_timeout_s=1)
+        DeviceConfig(core.address, "p-full", "zone-a", max_backlog_bytes=2000, flush_timeout_s=15)
     )
     with caplog.at_level(logging.INFO, logger="device"):
         run = asyncio.create_task(agent.run(stop))
         await eventually(lambda: agent.received_seq >= 5, what="first acks")
         await edge.stop(grace=0)
-        await eventually(lambda: agent.stats.dropped_unacked > 0, what="backlog overflow")
+        await eventually(lambda: agent.stats.dropped_unacked > 10, what="backlog overflow")
+        await edge_factory("edge-a", "zone-a")  # back, with its journal
+        await eventually(lambda: agent.archived_seq > agent.stats.dropped_unacked + 5, 15, "past")
         stop.set()
         stats = await asyncio.wait_for(run, 30)
     assert stats.backlog_overflows == 1 and stats.peak_backlog_bytes <= 2000
     assert any(
         r.levelno == logging.ERROR and "backlog full" in r.getMessage() for r in caplog.records
     )
+    # The markers are refused by design: not logged as the device's bad data.
+    assert not [r for r in caplog.records if r.getMessage() == "edge rejected a batch"]
+    assert agent.pending == 0
+    wm = await archived(core, agent.session_id)
+    last = agent.next_seq() - 1
+    assert wm.watermark.archived_seq == last
+    # Every seq is accounted for: stored, or a tombstone for one the device had to drop (a
+    # dropped one edge-a had archived before it stopped stays stored).
+    assert last - stats.dropped_unacked <= wm.archived_batches < last
 
 
 async def test_zone_change_is_a_handover_not_a_reconnect(
