@@ -53,9 +53,9 @@ from loadtest.scenario import Scenario, load_scenario
 
 README_LONG_START = "<!-- bench-long:start -->"
 README_LONG_END = "<!-- bench-long:end -->"
-LONG_CALL_S = 600.0
+LONG_CALL_S = video.LONG_CALL_S
 # The call's first and last windows compared (the first minute against the tenth).
-CALL_WINDOW_S = 60.0
+CALL_WINDOW_S = video.LONG_WINDOW_S
 SOAK_P99_LIMIT_MS = 50.0
 
 
@@ -80,8 +80,9 @@ async def _ticker(what: str, total_s: float, every_s: float = 30.0) -> None:
 
 
 async def long_call(ctx: RunContext, call_s: float) -> dict[str, Any]:
-    """One call through the edge for call_s, with loadtest.video's direct baselines around it;
-    its first and last CALL_WINDOW_S are the early/late figures."""
+    """One call through the edge for call_s (engineer E's loadtest.video.measure_long_call: the
+    direct baselines around it, no capacity ramp); its first and last CALL_WINDOW_S are the
+    early/late figures."""
     ctx.systems.stop()
     window = min(CALL_WINDOW_S, call_s / 5)
     print(
@@ -92,14 +93,8 @@ async def long_call(ctx: RunContext, call_s: float) -> dict[str, Any]:
     )
     ticker = asyncio.create_task(_ticker("video long call", call_s + 60))
     try:
-        return await video.measure(
-            seconds=8.0,
-            call_s=call_s,
-            window_s=window,
-            step_s=4.0,
-            max_calls=1,
-            pinning=ctx.pinning,
-            work_dir=ctx.work_dir,
+        return await video.measure_long_call(
+            call_s, window, pinning=ctx.pinning, work_dir=ctx.work_dir
         )
     except Exception as e:  # a failure here must not lose the soak's results
         print(f"[video] failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -210,8 +205,8 @@ def long_goals(soak: dict[str, Any], call: dict[str, Any]) -> list[Goal]:
             build = ev.get("build_up_ms")
             goals.append(
                 Goal(
-                    f"video: latency in the last {ev['window_s']:.0f} s of a "
-                    f"{ev['call_s'] / 60:.0f}-minute call vs the first",
+                    f"video: latency in the last {_dur(ev['window_s'])} of a "
+                    f"{_dur(ev['call_s'])} call vs the first",
                     f"build-up <= {video.GOAL_ADDED_MS:.0f} ms",
                     "n/a"
                     if build is None
@@ -230,8 +225,11 @@ def readme_long_body(report: dict[str, Any]) -> str:
     figs = report["figures"]
     s = figs["soak"]
     rows = report["runs"]
+    call_fig = figs.get("video_long_call") or {}
+    call_s = call_fig.get("early_vs_late", {}).get("call_s")
     lines = [
-        "### Long runs: soak and a 10-minute call",
+        f"### Long runs: a {_dur(s['duration_s'])} soak"
+        + (f" and a {_dur(call_s)} video call" if call_s else ""),
         "",
         f"`make bench-long`, {report['started_utc']} ({_dur(report['elapsed_s'])}). "
         f"{machine_line(report)}.",
@@ -295,7 +293,7 @@ def write_long_report(
     out.mkdir(parents=True, exist_ok=True)
     prefix = out / f"long-{stamp}"
     report = base_report(
-        title="telehealth-mesh long benchmarks: soak and a 10-minute call",
+        title="telehealth-mesh long benchmarks: the soak and a long video call",
         kind="bench-long",
         machine=machine,
         pinning=pinning,
