@@ -170,6 +170,11 @@ class Consultation:
             for c in self.clinicians.values():
                 for kind, fwd in c.outgoing.items():
                     fwd.set_source(peer.incoming.get(kind))
+            # A clinician may have joined first (a patient rejoining after a move, say): the
+            # patient sees the speaking one from the start.
+            if self.speaking is None and self.clinicians:
+                self.speaking = next(iter(self.clinicians))
+            self._set_speaking(self.speaking)
         else:
             self.clinicians[peer.call_id] = peer
             for kind, fwd in peer.outgoing.items():

@@ -204,3 +204,20 @@ async def test_watch_call_reports_state_and_vision_hints(
     finally:
         await patient.hangup()
         await clinician.hangup()
+
+
+async def test_a_patient_joining_after_the_clinician_sees_them(
+    core: CoreServer, media_edge: EdgeServer, channel_to: Callable[[str], grpc.aio.Channel]
+) -> None:
+    # The order after a move, when the clinician's console may be back at the new edge first.
+    s = await open_session(core, channel_to)
+    patient, clinician = patient_call(media_edge, s), clinician_call(media_edge, s)
+    try:
+        await clinician.start()
+        await patient.start()
+        await eventually(lambda: patient.received.frames >= 10, 20, "patient sees clinician")
+        await eventually(lambda: clinician.received.frames >= 10, 20, "clinician sees patient")
+    finally:
+        await patient.hangup()
+        await clinician.hangup()
+    assert live_peer_connections() == 0
