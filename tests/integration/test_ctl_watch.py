@@ -8,15 +8,18 @@ import asyncio
 import io
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import grpc
 
 from clients.ctl import WatchView, build_parser, cmd_watch
 from clients.ctl_security import bearer_interceptors
 from clients.device import DeviceAgent, DeviceConfig
+from clients.mesh import free_port
 from clients.viewer import Following, Interrupted, Missing, SessionViewer, VitalsEvent
 from core_services.server import CoreServer
 from edge_nodes.server import EdgeServer
+from telehealth.config import EdgeSettings
 from telehealth.rpc import bearer, channel_options
 from telehealth.v1 import (
     edges_pb2,
@@ -26,7 +29,7 @@ from telehealth.v1 import (
     vitals_pb2,
     vitals_pb2_grpc,
 )
-from tests.conftest import EdgeFactory, Metadata, eventually, staff
+from tests.conftest import EdgeFactory, Metadata, core_settings, eventually, staff
 
 ChannelTo = Callable[[str], grpc.aio.Channel]
 S = 1_000_000_000
@@ -332,3 +335,94 @@ async def test_viewer_resubscribes_before_its_token_expires_without_a_hole(
     assert seqs == list(range(seqs[0], last + 1)), "a batch shown twice, out of order, or lost"
     assert viewer.stats.resubscribes == 0
     assert not [n for n in notes if isinstance(n, (Interrupted, Missing))]
+
+
+async def test_viewer_rides_out_a_core_outage_while_it_must_re_attach(
+    tmp_path: Path, channel_to: ChannelTo
+) -> None:
+    # The core is down exactly when the viewer needs it (its edge just went away): the viewer
+    # says so and retries with backoff (audit: this crashed `watch`), and once the core is
+    # back it is re-placed and carries on, every batch once and in order.
+    port = free_port()
+    settings = core_settings(tmp_path, grpc_listen=f"127.0.0.1:{port}")
+    core = CoreServer(settings)
+    await core.start()
+    edges: list[EdgeServer] = []
+
+    async def edge(edge_id: str) -> EdgeServer:
+        e = EdgeServer(
+            EdgeSettings.model_validate(
+                {
+                    "edge_id": edge_id,
+                    "zone": "zone-a",
+                    "grpc_listen": "127.0.0.1:0",
+                    "http_listen": "127.0.0.1:0",
+                    "core_address": f"127.0.0.1:{port}",
+                    "heartbeat_interval_s": 0.1,
+                    "data_dir": tmp_path / edge_id,
+                    "log_format": "text",
+                }
+            )
+        )
+        await e.start()
+        edges.append(e)
+        return e
+
+    stop = asyncio.Event()
+    run: asyncio.Task[object] | None = None
+    task: asyncio.Task[None] | None = None
+    try:
+        edge_a = await edge("edge-a")
+        await eventually(lambda: "edge-a" in core.edges.edges, what="edge-a registered")
+        device = DeviceAgent(DeviceConfig(core.address, "p-outage", "zone-a"))
+        run = asyncio.create_task(device.run(stop))
+        await eventually(lambda: device.received_seq >= 5, what="device streaming")
+        viewer = SessionViewer(
+            channel_to(core.address),
+            device.session_id,
+            metadata=await staff(core, "clinician", ("p-outage",)),
+        )
+        seqs: list[int] = []
+        notes: list[object] = []
+
+        async def watch() -> None:
+            async for ev in viewer:
+                if isinstance(ev, VitalsEvent) and ev.event.HasField("batch") and not ev.snapshot:
+                    seqs.append(ev.event.batch.seq)
+                elif not isinstance(ev, VitalsEvent):
+                    notes.append(ev)
+
+        task = asyncio.create_task(watch())
+        await eventually(lambda: len(seqs) >= 10, what="viewer live")
+        await core.stop(grace=0)
+        await crash(edge_a)
+        await eventually(
+            lambda: sum(isinstance(n, Interrupted) and "core" in n.message for n in notes) >= 3,
+            what="the viewer retrying the core",
+        )
+        assert not task.done()
+        retries = [
+            n.retry_in_s for n in notes if isinstance(n, Interrupted) and "core" in n.message
+        ]
+        assert max(retries) > min(retries)  # backing off, not spinning
+        core = CoreServer(settings)
+        await core.start()
+        await edge("edge-b")
+        await eventually(lambda: viewer.edge_id == "edge-b", timeout=20, what="viewer on edge-b")
+        mark = device.next_seq()
+        await eventually(lambda: seqs[-1] > mark + 10, timeout=15, what="live on edge-b")
+        stop.set()
+        await asyncio.wait_for(run, 20)
+        last = device.next_seq() - 1
+        await eventually(lambda: seqs[-1] == last, timeout=10, what="viewer saw the last batch")
+        assert seqs == list(range(seqs[0], last + 1)), "a batch shown twice, out of order, or lost"
+        assert not [n for n in notes if isinstance(n, Missing)]
+    finally:
+        stop.set()
+        for t in (task, run):
+            if t is not None:
+                t.cancel()
+                await asyncio.gather(t, return_exceptions=True)
+        for e in edges:
+            await e.stop(grace=0)
+        await core.stop(grace=0)
