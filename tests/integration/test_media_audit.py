@@ -75,16 +75,23 @@ async def batch_seqs(ws: aiohttp.ClientWebSocketResponse, until: int) -> list[in
 
 
 async def publish(
-    edge: EdgeServer, channel_to: ChannelTo, sid: str, token: str, seqs: range
+    edge: EdgeServer,
+    channel_to: ChannelTo,
+    sid: str,
+    token: str,
+    seqs: range | Callable[[str, int], vitals_pb2.VitalsBatch] = range(1, 2),
 ) -> None:
+    """Publish batches seqs of sid (or one batch, seq 1, made by a function of (sid, seq))."""
+    make = make_batch if isinstance(seqs, range) else seqs
+    numbers = seqs if isinstance(seqs, range) else range(1, 2)
     vitals = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
     acks = [
         r.received_seq
         async for r in vitals.Publish(
-            requests([make_batch(sid, i) for i in seqs]), metadata=bearer(token)
+            requests([make(sid, i) for i in numbers]), metadata=bearer(token)
         )
     ]
-    assert acks[-1] == seqs[-1]
+    assert acks[-1] == numbers[-1]
 
 
 @pytest.fixture

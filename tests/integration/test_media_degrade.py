@@ -19,8 +19,9 @@ from clients.video import AdaptiveVideoTrack
 from core_services.server import CoreServer
 from edge_nodes.server import EdgeServer
 from telehealth.rpc import bearer
-from telehealth.v1 import media_pb2, media_pb2_grpc
+from telehealth.v1 import media_pb2, media_pb2_grpc, vitals_pb2
 from tests.conftest import EdgeFactory, eventually
+from tests.integration.test_media_audit import publish
 from tests.integration.test_media_call import (
     LossyUplink,
     clinician_call,
@@ -28,12 +29,21 @@ from tests.integration.test_media_call import (
     open_session,
     patient_call,
 )
+from tests.integration.test_vitals_path import make_batch
 
 FULL, REDUCED, AUDIO_ONLY = (
     media_pb2.CALL_MODE_FULL,
     media_pb2.CALL_MODE_REDUCED,
     media_pb2.CALL_MODE_AUDIO_ONLY,
 )
+
+
+def high_risk(session_id: str, seq: int) -> vitals_pb2.VitalsBatch:
+    """Readings scoring NEWS2 high: pulse 135, breathing 26, SpO2 90, systolic 88, 39.2 C."""
+    b = make_batch(session_id, seq, hr=135.0)
+    v = b.vitals[0]
+    v.respiration_rate_bpm, v.spo2_percent, v.systolic_mmhg, v.temperature_c = 26, 90, 88, 39.2
+    return b
 
 
 async def follow_states(
@@ -140,6 +150,16 @@ async def test_a_busy_edge_has_the_low_risk_patient_send_less_and_keeps_passing_
         through = fwd.passed_through
         await eventually(lambda: fwd.passed_through > through + 10, 20, "passed through")
         assert calls[1].received.width == 320
+
+        # The newer patient's vitals turn high-risk (NEWS2 7+): their video comes first now.
+        await publish(edge, channel_to, second.session_id, second.publisher_token, high_risk)
+        await eventually(lambda: newer.news2_band == 4, 10, "edge scored the newer patient high")
+        await eventually(lambda: older.send_mode.name == "REDUCED", 20, "older call reduced")
+        await eventually(lambda: newer.send_mode.name == "FULL", 20, "high-risk call full")
+        await eventually(lambda: watcher.received.width == 320, 20, "its clinician: full size")
+        state = newer.state()
+        assert state.priority_band == 4 and state.send_mode == FULL
+        assert "by clinical priority" in older.state().reason
     finally:
         for c in calls:
             await c.hangup()
