@@ -7,7 +7,8 @@ can lose the last commits, and the device still holds those until the archive ha
 
 Commits run on the loop rather than in a worker thread on purpose: a commit of a group
 takes a fraction of a millisecond, while handing every batch to a thread and back cost
-more (futex and self-pipe wake-ups) than the writes themselves. The newest entries are
+more (futex and self-pipe wake-ups) than the writes themselves. What does take long -
+a WAL checkpoint and its fsync - runs in a thread of its own instead of inside a commit. The newest entries are
 also kept in memory, so forwarding to the archive reads neither the disk nor the bytes
 again; only a backlog older than that tail (the core was away) is read back from SQLite.
 """
@@ -19,6 +20,7 @@ import logging
 import sqlite3
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +47,9 @@ INSERT OR IGNORE INTO forwarded (id, position) VALUES (1, 0);
 """
 # A resuming view reads one session's seqs without scanning every session's batches.
 INDEXES = "CREATE INDEX IF NOT EXISTS journal_session_seq ON journal (session_id, seq);"
+# A checkpoint after this many group commits (at 1,000 commits/s about one a second,
+# keeping the WAL to a few MB).
+CHECKPOINT_EVERY_COMMITS = 1000
 # Entries kept in memory for forwarding (25 batches/s x 500 patients for ~16 s).
 TAIL_MAX = 200_000
 PRUNE_EVERY_S = 10.0
@@ -73,7 +78,13 @@ class Journal:
         self.path = path
         self._max_group = max_group
         self._db = sqlite3.connect(path)
-        self._db.executescript("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;" + SCHEMA)
+        # No automatic checkpoints: SQLite runs them inside the commit that crosses the
+        # threshold, with an fsync, on the event loop (a 20 ms stall now and then). They
+        # run in a worker thread instead (_maybe_checkpoint).
+        self._db.executescript(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=0;"
+            + SCHEMA
+        )
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(journal)")}
         if "rejected" not in columns:
             # A journal written before tombstones existed: its backlog is all accepted batches.
@@ -90,6 +101,14 @@ class Journal:
         self.new_entries = asyncio.Event()
         self._closed = False
         self._pruned_at = 0.0
+        # One thread of its own with its own connection: checkpoints copy the WAL into the
+        # database and fsync it while commits go on (WAL readers and a writer do not block
+        # a PASSIVE checkpoint, nor it them).
+        self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="journal-checkpoint")
+        self._checkpoint_db: sqlite3.Connection | None = None
+        self._checkpointing: Future[None] | None = None
+        self._commits_since_checkpoint = 0
+        self.checkpoints = 0
 
     async def append(
         self,
@@ -149,6 +168,30 @@ class Journal:
         if group is not None and not group.done():
             group.set_result(None)
         self.new_entries.set()
+        self._commits_since_checkpoint += 1
+        self._maybe_checkpoint()
+
+    def _maybe_checkpoint(self) -> None:
+        busy = self._checkpointing is not None and not self._checkpointing.done()
+        if busy or self._commits_since_checkpoint < CHECKPOINT_EVERY_COMMITS:
+            return
+        self._commits_since_checkpoint = 0
+        self._checkpointing = self._checkpointer.submit(self._checkpoint, "PASSIVE")
+
+    def _checkpoint(self, mode: str) -> None:
+        """In the checkpoint thread: copy what the WAL holds into the database."""
+        if self._checkpoint_db is None:
+            self._checkpoint_db = sqlite3.connect(self.path, check_same_thread=False)
+        try:
+            self._checkpoint_db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+            self.checkpoints += 1
+        except sqlite3.Error as e:
+            # Commits stay durable in the WAL; the next checkpoint tries again.
+            log.warning("journal checkpoint failed", extra={"error": str(e)})
+
+    def _close_checkpointer(self) -> None:
+        if self._checkpoint_db is not None:
+            self._checkpoint_db.close()
 
     def tail_after(self, position: int, limit: int) -> list[JournalEntry] | None:
         """Entries after `position` from memory, or None when they start before the tail
@@ -229,4 +272,10 @@ class Journal:
         if self._pending:
             self._flush()
         self._closed = True
+        # A last full checkpoint, so the WAL does not carry the whole session to the next
+        # start; then the thread's connection closes in the thread that used it.
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._checkpointer, self._checkpoint, "TRUNCATE")
+        await loop.run_in_executor(self._checkpointer, self._close_checkpointer)
+        self._checkpointer.shutdown(wait=True)
         self._db.close()

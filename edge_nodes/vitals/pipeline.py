@@ -31,7 +31,7 @@ class IngestResult:
     # Refused, but its seq is consumed: journal and forward a tombstone for it.
     tombstone: bool = False
     # The waveforms' samples as arrays, in batch order (accepted batches only).
-    waveforms: tuple[npt.NDArray[np.float32], ...] = ()
+    waveforms: tuple[npt.NDArray[np.float64], ...] = ()
 
 
 class SessionChannel:
@@ -128,7 +128,7 @@ class SessionChannel:
         self,
         batch: vitals_pb2.VitalsBatch,
         now_ns: int,
-        waveforms: tuple[npt.NDArray[np.float32], ...] = (),
+        waveforms: tuple[npt.NDArray[np.float64], ...] = (),
     ) -> int:
         """Score and fan out an admitted (and journaled) batch; return the alerts raised."""
         events = [Event(session_id=self.session_id, edge_received_unix_ns=now_ns, batch=batch)]
@@ -150,12 +150,11 @@ class SessionChannel:
             events.extend(self._score(batch.seq, now_ns))
         for i, w in enumerate(batch.waveforms):
             if w.kind == vitals_pb2.WAVEFORM_KIND_ECG_LEAD_II:
-                samples = (
-                    waveforms[i]
-                    if i < len(waveforms)
-                    else np.fromiter(w.samples, np.float32, len(w.samples))
-                )
-                self._feed_ecg(w, samples)
+                if i < len(waveforms):
+                    # Checked by validate_batch already: finite, in range, float64.
+                    self._feed_ecg(w, waveforms[i], checked=True)
+                else:
+                    self._feed_ecg(w, np.fromiter(w.samples, np.float64, len(w.samples)))
         if self._ecg is not None and now_ns - self._derived_at_ns >= DERIVED_HR_PERIOD_NS:
             events.extend(self._derive_heart_rate(batch.seq, now_ns))
         alerts = 0
@@ -246,10 +245,12 @@ class SessionChannel:
             )
         )
 
-    def _feed_ecg(self, w: vitals_pb2.WaveformChunk, samples: npt.NDArray[np.float32]) -> None:
+    def _feed_ecg(
+        self, w: vitals_pb2.WaveformChunk, samples: npt.NDArray[np.float64], checked: bool = False
+    ) -> None:
         if self._ecg is None or self._ecg.sample_rate_hz != w.sample_rate_hz:
             self._ecg = RPeakDetector(w.sample_rate_hz, window_s=self._ecg_window_s)
-        self._ecg.feed(samples, w.start_time_unix_ns)
+        self._ecg.feed(samples, w.start_time_unix_ns, finite=checked)
 
     def _derive_heart_rate(self, seq: int, now_ns: int) -> list[Event]:
         assert self._ecg is not None

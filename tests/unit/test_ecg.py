@@ -146,3 +146,18 @@ def test_timestamp_jitter_and_clock_drift_do_not_reset() -> None:
     rate, peaks = detector.heart_rate_bpm()
     assert rate == pytest.approx(_true_rate(sim, 20.0), abs=2.0)
     assert peaks >= 10
+
+
+def test_checked_float64_chunks_give_the_same_rate_as_raw_ones() -> None:
+    """The edge hands its validated float64 arrays over with finite=True (no second
+    conversion or scan): same result as raw float32 chunks."""
+    sim = PatientSimulator(seed=5, ecg_rate_hz=250.0, heart_rate_bpm=88.0)
+    raw, checked = RPeakDetector(250.0), RPeakDetector(250.0)
+    n = round(CHUNK_S * 250.0)
+    for i in range(round(12.0 / CHUNK_S)):
+        chunk = sim.ecg_chunk(i * n / 250.0, n).astype(np.float32)
+        t = 1_700_000_000 * NS + round(i * n * NS / 250.0)
+        raw.feed(chunk, t)
+        checked.feed(chunk.astype(np.float64), t, finite=True)
+    assert raw.heart_rate_bpm() == checked.heart_rate_bpm()
+    assert raw.heart_rate_bpm()[0] is not None

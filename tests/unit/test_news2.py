@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from decimal import ROUND_HALF_UP, Decimal
 
+import numpy as np
 import pytest
 
 from edge_nodes.scoring.news2 import (
@@ -15,6 +17,8 @@ from edge_nodes.scoring.news2 import (
     OxygenSupport,
     RiskBand,
     SpO2Scale,
+    _decimal,
+    _round_half_up,
     compute_news2,
     risk_band,
     score_air_or_oxygen,
@@ -352,3 +356,27 @@ def test_stale_oxygen_support_is_not_used_for_scale_2() -> None:
     # Oxygen support no longer known: SpO2 97 % is charted as on air (0), oxygen left out.
     assert {p.parameter: p.score for p in aged.parameters}["spo2"] == 0
     assert aged.total == 0 and not aged.complete
+
+
+def _exact_round_half_up(value: float, places: int) -> int:
+    """The chart's reading, done slowly: the decimal the device meant, halves going up."""
+    d = _decimal(value).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
+    return int(d.scaleb(places))
+
+
+def test_fast_rounding_agrees_with_exact_decimal_rounding_near_every_half() -> None:
+    # Around every half the chart can meet (0-400 whole, 20.0-46.0 °C in tenths): float32
+    # and float64 values at and a few ulps around it, and a little off it either side.
+    values: list[tuple[float, int]] = []
+    for places, lo, hi in ((0, 0, 400), (1, 200, 460)):
+        for k in range(lo, hi):
+            for off in (0.0, 1e-5, -1e-5, 1e-3, -1e-3, 2e-3, -2e-3, 0.02, -0.02):
+                x = (k + 0.5 + off) / 10**places
+                f32 = np.float32(x)
+                values += [(x, places), (float(f32), places)]
+                values += [
+                    (float(np.nextafter(f32, np.float32(d), dtype=np.float32)), places)
+                    for d in (1e9, -1e9)
+                ]
+    for v, places in values:
+        assert _round_half_up(v, places) == _exact_round_half_up(v, places), (v, places)
