@@ -130,6 +130,8 @@ class EdgeRegistry:
         self.on_edge_connected: Callable[[str], Awaitable[None]] | None = None
         # Edges Kubernetes last called ready; None until discovery has reported (or without it).
         self.discovered_ready: set[str] | None = None
+        # Pod addresses from discovery (edge id -> host:port): what the core itself dials.
+        self.discovered_addresses: dict[str, str] = {}
         # No edge is judged before the core serves; then each has until these times plus
         # the timeout to be heard (set by start_liveness).
         self._grace_until_mono: float | None = None
@@ -337,8 +339,11 @@ class EdgeRegistry:
             return False
         if e.outbox is None and not self.shared:
             return False  # its heartbeat stream to this (only) core is gone
+        # The address an edge advertises is for devices (in kind, a node port on the host) and
+        # may not be reachable from the core's pod; discovery knows the pod's own address.
+        address = self.discovered_addresses.get(edge_id) or e.address
         try:
-            async with secure_channel(e.address, self.tls, server_name=e.tls_server_name) as ch:
+            async with secure_channel(address, self.tls, server_name=e.tls_server_name) as ch:
                 r = await health_pb2_grpc.HealthStub(ch).Check(
                     health_pb2.HealthCheckRequest(), timeout=timeout_s
                 )
@@ -423,6 +428,7 @@ class EdgeRegistry:
         heartbeating here comes back. Returns the newly dead."""
         ready = {d.edge_id for d in found if d.ready}
         self.discovered_ready = ready
+        self.discovered_addresses = {d.edge_id: d.address for d in found if d.address}
         now = self._clock()
         for e in self.edges.values():
             if (

@@ -161,3 +161,22 @@ async def test_drain_cordon_marks_the_zones_nodes_unschedulable_and_undo_reverts
             n: False for n in ("kind-worker", "kind-worker2", "kind-worker3")
         }
         assert edge_state(core, "edge-a") is EdgeState.HEALTHY
+
+
+async def test_probe_dials_the_pod_address_discovery_knows_not_the_advertised_one(
+    core: CoreServer, edge_factory: EdgeFactory, watched: FakeApiServer
+) -> None:
+    # In kind the edge advertises a node port on the host (here: a port nothing listens
+    # on), which the core's pod cannot reach; Kubernetes knows the pod's own address.
+    edge = await edge_factory("edge-a", "zone-a", advertise_address="127.0.0.1:1")
+    port = edge.grpc.port
+    watched.change(
+        "ADDED",
+        endpoint_slice("slice-a", [endpoint("edge-a", "127.0.0.1", "zone-a")], port=port),
+    )
+    await eventually(
+        lambda: edge_state(core, "edge-a") is EdgeState.HEALTHY, what="edge-a discovered"
+    )
+    assert core.edges.edges["edge-a"].address == "127.0.0.1:1"
+    # A client reporting edge-a unreachable makes the core probe it: alive, so kept.
+    assert await core.edges.probe("edge-a", timeout_s=5)
