@@ -237,6 +237,12 @@ class EdgeSettings(Settings):
         ge=1,
         description="video pixels/s the edge forwards at full quality before low-risk calls degrade",
     )
+    media_cpu_limit: float = Field(
+        0.0,
+        ge=0,
+        description="cores of CPU the edge process may use before low-priority calls are asked "
+        "to send less (measured, on top of media_pixel_budget); 0 turns it off",
+    )
     media_passthrough: bool = Field(
         True,
         description="forward the patient's encoded video to viewers as it came (no decode and "

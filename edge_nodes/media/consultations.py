@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
@@ -33,7 +34,13 @@ from edge_nodes.media.passthrough import (
     use_marker_jitter_buffer,
 )
 from edge_nodes.media.ports import UdpPortRange, bind_in_range
-from edge_nodes.media.quality import CallMode, VideoDemand, allocate
+from edge_nodes.media.quality import (
+    CallMode,
+    CpuPressure,
+    VideoDemand,
+    allocate,
+    pressured_budget,
+)
 from edge_nodes.media.sdp import check_offer
 from edge_nodes.media.turn import IceServerConfig, advertise_host_candidates, ice_servers
 from edge_nodes.media.vision_tap import VisionWorker
@@ -64,6 +71,8 @@ NEGOTIATE_TIMEOUT_S = 10.0
 # A peer that has not connected by then (client gone after its offer) is closed.
 CONNECT_TIMEOUT_S = 30.0
 QUALITY_PERIOD_S = 1.0
+# The edge process's CPU is averaged over this long for the budget's pressure (quality.py).
+CPU_WINDOW_S = 5.0
 # Seconds the edge's budget must allow a better mode before a call is raised to it.
 BUDGET_RECOVER_S = 5
 
@@ -98,6 +107,11 @@ class Consultations:
         # Teardowns started from aiortc callbacks; held so they finish (and close() can wait).
         self._background: set[asyncio.Task[None]] = set()
         self._closing = False
+        # The process's CPU over the last CPU_WINDOW_S, and the budget it leaves (quality loop).
+        self._cpu_samples: deque[tuple[float, float]] = deque()
+        self._budget = float(settings.media_pixel_budget)
+        self._shrunk_at = -1e9
+        self.cpu_cores = 0.0
 
     # -- auth ---------------------------------------------------------------------------
 
@@ -434,6 +448,29 @@ class Consultations:
             except Exception:
                 log.exception("media quality pass failed")
 
+    def _pixel_budget(self, demand: float) -> float:
+        """The configured budget, shrunk while the process's measured CPU is over
+        media_cpu_limit (off when 0)."""
+        now, cpu = time.monotonic(), time.process_time()
+        self._cpu_samples.append((now, cpu))
+        while len(self._cpu_samples) > 2 and now - self._cpu_samples[0][0] > CPU_WINDOW_S:
+            self._cpu_samples.popleft()
+        t0, c0 = self._cpu_samples[0]
+        used = (cpu - c0) / (now - t0) if now > t0 else 0.0
+        self.cpu_cores = used
+        before = self._budget
+        self._budget = pressured_budget(
+            float(self._settings.media_pixel_budget),
+            before,
+            demand,
+            used,
+            CpuPressure(self._settings.media_cpu_limit),
+            settling=now - self._shrunk_at < CPU_WINDOW_S,
+        )
+        if self._budget < before:
+            self._shrunk_at = now
+        return self._budget
+
     async def rebalance(self) -> None:
         calls = list(self.calls.values())
         for call in calls:
@@ -456,7 +493,9 @@ class Consultations:
                     started_unix_ns=call.started_unix_ns,
                 )
             )
-        budget = allocate(demands, self._settings.media_pixel_budget)
+        budget = allocate(
+            demands, self._pixel_budget(sum(d.pixel_rate * d.viewers for d in demands))
+        )
         for call in calls:
             allowed = budget.get(call.session_id, CallMode.FULL)
             if allowed > call.budget_mode:

@@ -174,3 +174,42 @@ def allocate(demands: Sequence[VideoDemand], budget: float) -> dict[str, CallMod
 
 def worst(*modes: CallMode) -> CallMode:
     return CallMode(max(modes)) if modes else CallMode.FULL
+
+
+@dataclass(frozen=True)
+class CpuPressure:
+    """Measured load on top of the configured pixel budget (which is only an estimate of what
+    the edge can forward): while the edge process uses more than `limit` of a core, the budget
+    shrinks below what the calls demand, so the lowest-priority ones are asked to send less;
+    once the process is well under (`relief` of the limit) the budget grows back by `regrow`
+    a second up to the configured one. Smoothing comes from the process's CPU being measured
+    over several seconds and from the budget's own recovery hysteresis."""
+
+    limit: float
+    relief: float = 0.8
+    shrink: float = 0.85
+    regrow: float = 1.1
+
+
+def pressured_budget(
+    configured: float,
+    previous: float,
+    demand: float,
+    cpu: float,
+    p: CpuPressure,
+    settling: bool = False,
+) -> float:
+    """The pixel budget to allocate with: configured when unloaded, less under CPU pressure.
+
+    demand: pixels/s the calls want at full quality; cpu: the edge process's CPU, in cores,
+    over the last few seconds; settling: the budget shrank less than that long ago, so the
+    CPU figure does not show its effect yet (no further shrinking on stale evidence)."""
+    if p.limit <= 0:
+        return configured
+    if cpu > p.limit:
+        if settling:
+            return previous
+        return max(1.0, min(previous, demand) * p.shrink)
+    if cpu < p.limit * p.relief:
+        return min(configured, previous * p.regrow)
+    return min(configured, previous)

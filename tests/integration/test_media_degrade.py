@@ -31,6 +31,7 @@ from tests.integration.test_media_call import (
 )
 from tests.integration.test_vitals_path import make_batch
 
+ChannelTo = Callable[[str], grpc.aio.Channel]
 FULL, REDUCED, AUDIO_ONLY = (
     media_pb2.CALL_MODE_FULL,
     media_pb2.CALL_MODE_REDUCED,
@@ -165,3 +166,33 @@ async def test_a_busy_edge_has_the_low_risk_patient_send_less_and_keeps_passing_
             await c.hangup()
     await eventually(lambda: edge.media.calls.peer_count == 0, 10, "peers closed")
     assert live_peer_connections() == 0
+
+
+async def test_measured_cpu_pressure_has_the_newer_patient_send_less(
+    core: CoreServer, edge_factory: EdgeFactory, channel_to: ChannelTo
+) -> None:
+    # Any CPU at all is "too much" here, so the edge's own measured load is what degrades.
+    edge: EdgeServer = await edge_factory(
+        media_udp_port_min=41680, media_udp_port_max=41711, media_cpu_limit=0.001
+    )
+    first = await open_session(core, channel_to, "p-cpu-first")
+    second = await open_session(core, channel_to, "p-cpu-second")
+    calls = [patient_call(edge, first), clinician_call(edge, first)]
+    calls += [patient_call(edge, second), clinician_call(edge, second)]
+    try:
+        for c in calls:
+            await c.start()
+        older, newer = (edge.media.calls.calls[x.session_id] for x in (first, second))
+        await eventually(lambda: newer.send_mode.name == "REDUCED", 30, "newer call reduced")
+        assert older.send_mode.name == "FULL"
+        assert edge.media.calls.cpu_cores > 0.001
+        assert "edge is busy" in newer.state().reason
+        (viewer,) = newer.clinicians.values()
+        through = viewer.outgoing["video"].passed_through
+        await eventually(
+            lambda: viewer.outgoing["video"].passed_through > through + 10, 20, "passed through"
+        )
+    finally:
+        for c in calls:
+            await c.hangup()
+    await eventually(lambda: edge.media.calls.peer_count == 0, 10, "peers closed")

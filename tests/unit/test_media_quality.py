@@ -118,3 +118,29 @@ def test_a_flapping_link_waits_longer_before_each_climb() -> None:
     c.update(LOSSY)
     c.update(LOSSY)
     assert seconds_to_climb() == 5
+
+
+def test_measured_cpu_over_the_limit_shrinks_the_budget_and_it_regrows_when_relieved() -> None:
+    from edge_nodes.media.quality import CpuPressure, pressured_budget
+
+    configured, demand = 4 * VGA30, 3 * VGA30
+    p = CpuPressure(limit=0.9)
+    # Off (limit 0): the configured pixel rate, whatever the load.
+    assert pressured_budget(configured, configured, demand, 5.0, CpuPressure(0.0)) == configured
+    # Over the limit: below what the calls demand, so the lowest priority one sends less...
+    b = pressured_budget(configured, configured, demand, 1.0, p)
+    assert b == demand * p.shrink
+    modes = allocate([demand_of("a", 4, 1), demand_of("b", 1, 2), demand_of("c", 1, 3)], b)
+    assert modes["a"] is CallMode.FULL and modes["c"] is CallMode.REDUCED
+    # ... and while that settles in the CPU figure, no further shrinking on old evidence.
+    assert pressured_budget(configured, b, demand, 1.0, p, settling=True) == b
+    # Between relief and the limit it holds; well under, it grows back to the configured one.
+    assert pressured_budget(configured, b, demand, 0.85, p) == b
+    grown = b
+    for _ in range(10):
+        grown = pressured_budget(configured, grown, demand, 0.3, p)
+    assert grown == configured
+
+
+def demand_of(sid: str, band: int, started: int) -> VideoDemand:
+    return VideoDemand(sid, VGA30, 1, band, started)
