@@ -469,7 +469,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--since", type=float, default=0.0, help="from this unix time (seconds)")
     x.add_argument("--until", type=float, default=0.0, help="up to this unix time (seconds)")
     x.add_argument("--out", help="write to this file instead of standard output")
-    w = sub.add_parser("watch", help="show one patient's vitals, NEWS2 and alerts live")
+    w = sub.add_parser(
+        "watch",
+        help="show one patient's vitals, NEWS2 and alerts live",
+        description="Live view of one session: every parameter with its last value and its own "
+        "age, NEWS2 with the age of its oldest input (stale inputs listed), the ECG heart "
+        "rate and alerts. It follows the session when it moves to another edge (drain, zone "
+        "change, edge failure), fills what it missed from the archive, and retries while the "
+        "core is unreachable; a line starting with ! says what it is doing. Needs a "
+        "clinician login (`telehealth-ctl login`).",
+    )
     w.add_argument("session", help="session id, as in `telehealth-ctl sessions`")
     w.add_argument("--refresh", type=float, default=0.25, help="seconds between redraws")
     w.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds")
@@ -495,6 +504,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
         hint = ""
         if e.code() == grpc.StatusCode.UNAVAILABLE:
             hint = f" (is the core running at {ns.core}? start one with `make demo`)"
+        elif e.code() == grpc.StatusCode.UNAUTHENTICATED and ns.command != "login":
+            hint = f" (log in first: telehealth-ctl --core {ns.core} login USER)"
         print(f"telehealth-ctl: {e.code().name}: {e.details()}{hint}", file=sys.stderr)
         code = EXIT_RPC
     except KeyboardInterrupt:
