@@ -276,7 +276,8 @@ async def test_someone_elses_patient_is_refused_on_every_route_and_every_try_is_
     assert claims.subject_id == dr
     async with s.post(f"{base}/console/api/sessions/{mine}/invite", headers=same) as r:
         assert r.status == 200
-        assert (await r.json())["link"].startswith(f"{edge.media.http_url}/patient#session={mine}")
+        # The link names the core's /join (which sends the patient on to the session's edge).
+        assert (await r.json())["link"].startswith(f"{base}/join#session={mine}&token=")
     async with s.get(f"{base}/api/v1/patients/p-mine/fhir") as r:
         assert r.status == 200
         assert r.content_type == "application/fhir+json"
