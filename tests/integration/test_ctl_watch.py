@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
+import pytest
 
-from clients.ctl import WatchView, build_parser, cmd_watch
+from clients.ctl import WatchView, build_parser, cmd_watch, main
 from clients.ctl_security import bearer_interceptors
 from clients.device import DeviceAgent, DeviceConfig
 from clients.mesh import free_port
@@ -426,3 +427,28 @@ async def test_viewer_rides_out_a_core_outage_while_it_must_re_attach(
         for e in edges:
             await e.stop(grace=0)
         await core.stop(grace=0)
+
+
+async def test_watch_refusals_end_with_a_message_not_a_retry_loop(
+    core: CoreServer,
+    edge_factory: EdgeFactory,
+    channel_to: ChannelTo,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    await edge_factory()
+    sessions = sessions_pb2_grpc.SessionsServiceStub(channel_to(core.address))
+    opened = await sessions.Open(sessions_pb2.OpenSessionRequest(patient_id="p-x", zone="zone-a"))
+    sid = opened.session.session_id
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "nobody"))  # no saved login
+    monkeypatch.delenv("TELEHEALTH_TOKEN", raising=False)
+    argv = ["--core", core.address, "watch", sid, "--duration", "20"]
+    # main() runs its own event loop: give it a thread, as a terminal would a process.
+    assert await asyncio.to_thread(main, argv, io.StringIO()) == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    # Logged in, but not this patient's clinician: refused at once too.
+    login = await staff(core, "clinician", ("someone-else",))
+    monkeypatch.setenv("TELEHEALTH_TOKEN", login[0][1].removeprefix("Bearer "))
+    assert await asyncio.to_thread(main, argv, io.StringIO()) == 1
+    assert "PERMISSION_DENIED" in capsys.readouterr().err
