@@ -265,9 +265,12 @@ async def test_only_the_caller_who_joined_may_hang_up_a_call(
     b = MediaCall(media_edge.address, s.session_id, b_token, VIEWER, audio=AudioStreamTrack())
     stub = media_pb2_grpc.MediaServiceStub(channel_to(media_edge.address))
 
-    def hangup(call: MediaCall, token: str) -> object:
+    async def hangup(call: MediaCall, token: str) -> media_pb2.HangupMediaResponse:
         req = media_pb2.HangupMediaRequest(session_id=s.session_id, call_id=call.call_id)
-        return stub.Hangup(req, metadata=bearer(token), timeout=10)
+        resp: media_pb2.HangupMediaResponse = await stub.Hangup(
+            req, metadata=bearer(token), timeout=10
+        )
+        return resp
 
     try:
         for c in (patient, a, b):
@@ -285,9 +288,9 @@ async def test_only_the_caller_who_joined_may_hang_up_a_call(
         assert media_edge.media.calls.peer_count == 3
         # Each ends its own, with a fresh token of the same person too.
         fresh_b = await viewer_token_for(core, channel_to, s.session_id, dr_b)
-        assert (await hangup(b, fresh_b)).ended  # type: ignore[attr-defined]
-        assert (await hangup(patient, s.publisher_token)).ended  # type: ignore[attr-defined]
-        assert (await hangup(a, s.viewer_token)).ended  # type: ignore[attr-defined]
+        assert (await hangup(b, fresh_b)).ended
+        assert (await hangup(patient, s.publisher_token)).ended
+        assert (await hangup(a, s.viewer_token)).ended
         await eventually(lambda: media_edge.media.calls.peer_count == 0, 10, "all hung up")
     finally:
         for c in (patient, a, b):
