@@ -34,11 +34,11 @@ log = logging.getLogger("device")
 
 PUBLISH_METHOD = "/telehealth.v1.VitalsService/Publish"
 # The backlog (batches the archive does not hold yet) is bounded by its encoded size. At the
-# default rate (25 batches/s of 40 ms of 250 Hz ECG plus a reading a second) a batch is ~100
-# bytes, 8.7 MB an hour, so 80 MiB holds ~9.5 hours: a device offline through a whole night
-# shift loses nothing. In memory it costs ~1.4x that (one bytes object per batch), which a
-# phone or bedside gateway can spare; a bound of batches rather than bytes would be wrong by
-# 10x for a device sending PPG at 500 Hz.
+# default rate (25 batches/s of 40 ms of 250 Hz ECG plus a reading a second) a batch is ~117
+# bytes, 10.5 MB an hour (measured), so 80 MiB holds ~8 hours: a device offline through a
+# night shift loses nothing. In memory it costs ~1.5x that (one bytes object per batch; as
+# message objects it would be 8x), which a phone or bedside gateway can spare. A bound in
+# batches rather than bytes would be wrong by 10x for a device sending PPG at 500 Hz.
 DEFAULT_MAX_BACKLOG_BYTES = 80 * 1024 * 1024
 # Batches/s a stream sends while catching up a backlog: below the edge's default per-session
 # limit (publish_rate_batches_per_s = 200) with room for the live 25/s, so a resend after an
@@ -960,7 +960,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=float,
         default=DEFAULT_MAX_BACKLOG_BYTES / 2**20,
         help="MiB of unarchived batches kept per patient while the mesh is unreachable "
-        "(default: ~9 hours at the default rate); past it the oldest are dropped, logged as errors",
+        "(default: ~8 hours at the default rate); past it the oldest are dropped, logged as errors",
     )
     parser.add_argument(
         "--catchup-rate",
