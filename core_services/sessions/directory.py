@@ -16,6 +16,7 @@ from core_services.archive.archive import Archive
 from core_services.bus import Bus, LocalBus
 from core_services.edges.registry import AssignSession, EdgeRegistry, MoveSession, ReleaseSession
 from core_services.sessions.domain import (
+    EdgeState,
     LiveReport,
     NoEdgeAvailable,
     Session,
@@ -322,7 +323,16 @@ class SessionDirectory:
                 [unreachable_edge_id], f"unreachable, reported by a client of {session_id}"
             )
             s = await self._open_session(session_id)
+        if self._edge_dead(s.edge_id):
+            # Left on a dead edge when nothing could take it (NoEdgeAvailable, a clear
+            # UNAVAILABLE for the caller to retry) - or an edge has come since: go there.
+            s = await self.move(session_id, "edge_dead", from_edge=s.edge_id)
         return s, self._assignment(s, role)
+
+    def _edge_dead(self, edge_id: str) -> bool:
+        # An edge the registry has never seen is not judged here (liveness does that).
+        e = self._registry.edges.get(edge_id)
+        return e is not None and e.state is EdgeState.DEAD
 
     async def close(self, session_id: str) -> Session:
         async with self._lock:
@@ -601,6 +611,14 @@ class SessionDirectory:
     async def _on_edge_connected(self, edge_id: str) -> None:
         # Other replicas learn of the edge now, not at their next look at the store.
         await self._bus.publish({"kind": "edge", "edge": edge_id})
+        # Sessions whose edge died while no other edge could take them wait on the dead edge
+        # (their devices retrying Attach): place them now that there is somewhere to go.
+        for sid in [sid for sid, s in self.sessions.items() if self._edge_dead(s.edge_id)]:
+            s = self.sessions[sid]
+            try:
+                await self.move(sid, "edge_dead", from_edge=s.edge_id)
+            except (NoEdgeAvailable, FailedPrecondition):
+                continue  # not placeable there (zone table, capacity), or closed meanwhile
 
     async def _on_edge_dead(self, edge_id: str) -> None:
         for sid in [sid for sid, s in self.sessions.items() if s.edge_id == edge_id]:
@@ -731,6 +749,9 @@ class SessionDirectory:
                 snapshot = self.open_list()
             for s in snapshot:
                 yield self._event(EventKind.SNAPSHOT, s, self.live.get(s.session_id, LiveReport()))
+            # Open caches a session before it announces it: one opened just as this watch
+            # began is in the snapshot already, and its OPENED would tell it twice.
+            in_snapshot = {s.session_id for s in snapshot}
             while True:
                 ev = await w.queue.get()
                 if ev is None:
@@ -738,6 +759,9 @@ class SessionDirectory:
                         f"watch fell more than {WATCH_QUEUE} events behind; watch again for a "
                         "fresh snapshot"
                     )
+                if ev.kind is EventKind.OPENED and ev.session.session_id in in_snapshot:
+                    in_snapshot.discard(ev.session.session_id)
+                    continue
                 yield ev
         finally:
             self._watchers.discard(w)

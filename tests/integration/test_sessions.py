@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from core_services.server import CoreServer
+from telehealth.rpc import bearer
 from telehealth.v1 import (
     edges_pb2,
     edges_pb2_grpc,
@@ -36,7 +37,12 @@ async def test_lifecycle_list_and_watch(
     assert first.session.edge_id == "edge-b"
     assert first.assignment.edge_address.startswith("127.0.0.1:")
     ev = await anext(aiter(watch))
-    assert ev.kind == sessions_pb2.SESSION_EVENT_KIND_OPENED
+    # The call reaches the server when first read: a session opened before that comes in the
+    # snapshot, one opened after as OPENED. Either way the watcher learns of it first.
+    assert ev.kind in (
+        sessions_pb2.SESSION_EVENT_KIND_SNAPSHOT,
+        sessions_pb2.SESSION_EVENT_KIND_OPENED,
+    )
     assert ev.session.session_id == first.session.session_id
     listed = await stub.List(sessions_pb2.ListSessionsRequest(), metadata=op)
     assert [s.session_id for s in listed.sessions] == [first.session.session_id]
@@ -94,6 +100,45 @@ async def test_fallback_zone_then_dead_edge_replaced(
     )
     assert with_unknown.edge.placed_sessions == 2
     watch.cancel()
+
+
+async def test_session_left_on_a_dead_edge_goes_to_the_next_edge_that_comes(
+    edge_factory: EdgeFactory, core: CoreServer, channel_to: ChannelTo
+) -> None:
+    edge_a = await edge_factory("edge-a", "zone-a")
+    opened = await open_session(core, channel_to, "zone-a")
+    sid = opened.session.session_id
+    stub = sessions_pb2_grpc.SessionsServiceStub(channel_to(core.address))
+    publisher = sessions_pb2.ROLE_PUBLISHER
+    await edge_a.stop(grace=0)
+    # Its device reports it: the core finds it dead, but no edge can take the session.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Attach(
+            sessions_pb2.AttachSessionRequest(
+                session_id=sid, role=publisher, unreachable_edge_id="edge-a"
+            ),
+            metadata=bearer(opened.assignment.token),
+        )
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert core.directory.sessions[sid].edge_id == "edge-a"
+    # Asking again changes nothing while there is nowhere to go.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Attach(
+            sessions_pb2.AttachSessionRequest(session_id=sid, role=publisher),
+            metadata=bearer(opened.assignment.token),
+        )
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    # An edge joins: the waiting session is placed there at once, and Attach says so.
+    await edge_factory("edge-c", "zone-a")
+    await eventually(
+        lambda: core.directory.sessions[sid].edge_id == "edge-c", what="session re-placed"
+    )
+    again = await stub.Attach(
+        sessions_pb2.AttachSessionRequest(session_id=sid, role=publisher),
+        metadata=bearer(opened.assignment.token),
+    )
+    assert again.assignment.edge_id == "edge-c"
+    assert again.session.placements == 2
 
 
 async def test_health_reflection_and_metrics(
