@@ -697,7 +697,7 @@ class DeviceAgent:
                 await asyncio.gather(finisher, return_exceptions=True)
         if self.pending:
             log.warning(
-                "stopping with batches the archive does not hold",
+                "stopping before the archive confirmed every batch",
                 extra={"session": self.session_id, "unarchived": self.pending},
             )
 

@@ -283,8 +283,9 @@ def readme_body(report: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
             f"(make-before-break) to first ack on the new edge p50 "
             f"{f['zone_change_handover']['p50_s'] * 1000:.0f} ms, max "
             f"{f['zone_change_handover']['max_s'] * 1000:.0f} ms; drain of "
-            f"{f['patients'] // 2} sessions {f['drain_rpc_s'] * 1000:.0f} ms, gap p50 "
-            f"{f['drain_gap']['p50_s'] * 1000:.0f} ms, max {f['drain_gap']['max_s'] * 1000:.0f} ms;"
+            f"{f['patients'] // 2} sessions {f['drain_rpc_s'] * 1000:.0f} ms (make-before-break), "
+            f"handover p50 {f['drain_handover']['p50_s'] * 1000:.0f} ms, max "
+            f"{f['drain_handover']['max_s'] * 1000:.0f} ms, {f['drain_reconnects']} reconnects;"
             f" {f['batches_sent']} batches sent, {f['batches_archived']} archived "
             f"({f['lost']} lost)."
         )
