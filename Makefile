@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: setup tools browser mosquitto demo test bench bench-long proto lint clean
+.PHONY: setup tools system-packages mosquitto demo test bench bench-long proto lint clean
 
 setup: $(STAMP)
 
@@ -21,15 +21,19 @@ tools:
 demo: setup
 	$(VENV)/bin/telehealth-mesh up
 
-# Debian's Chromium for the browser tests (apt; skipped when /usr/bin/chromium exists).
-browser:
-	bash scripts/install_browser.sh
+# Debian packages run for real by tests and benchmarks (apt; each skipped when installed):
+# Chromium for the browser tests, Mosquitto for the MQTT baseline, coturn for the TURN tests.
+CHROMIUM := chromium=/usr/bin/chromium
+MOSQUITTO := mosquitto=/usr/sbin/mosquitto
+COTURN := coturn=/usr/bin/turnserver
 
-# Debian's Mosquitto for the MQTT baseline (apt; skipped when the mosquitto binary exists).
+system-packages:
+	bash scripts/install_debian.sh $(CHROMIUM) $(MOSQUITTO) $(COTURN)
+
 mosquitto:
-	bash scripts/install_mosquitto.sh
+	bash scripts/install_debian.sh $(MOSQUITTO)
 
-test: setup tools browser mosquitto
+test: setup tools system-packages
 	$(PY) -m pytest -q
 
 # The fixed suite, under 10 minutes: results/bench-<UTC>.*, results/latest.*, README block.

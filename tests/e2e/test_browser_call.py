@@ -44,7 +44,7 @@ FLAGS = [
 
 pytestmark = [
     pytest.mark.skipif(
-        not os.path.exists(CHROMIUM), reason="needs Debian's chromium (make browser)"
+        not os.path.exists(CHROMIUM), reason="needs Debian's chromium (make system-packages)"
     ),
     pytest.mark.timeout(300),
 ]

@@ -35,7 +35,7 @@ def _number(x: Any) -> bool:
 @pytest.mark.timeout(300)
 def test_ci_smoke_report_holds_every_figure(tmp_path: Path) -> None:
     assert shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists(), (
-        "the MQTT baseline needs Mosquitto: `make mosquitto` (scripts/install_mosquitto.sh)"
+        "the MQTT baseline needs Mosquitto: `make mosquitto` (scripts/install_debian.sh)"
     )
     out = tmp_path / "results"
     proc = subprocess.run(

@@ -116,7 +116,7 @@ async def test_host_candidates_carry_the_advertised_address_and_ports_stay_in_ra
 async def coturn(tmp_path: Path) -> AsyncIterator[str]:
     """Debian's coturn on loopback with the REST-API shared secret; yields its turn: url."""
     if TURNSERVER is None:
-        pytest.skip("needs Debian's coturn (apt-get install coturn)")
+        pytest.skip("needs Debian's coturn: `make system-packages`")
     port = free_port()
     log = tmp_path / "turn.log"
     proc = await asyncio.create_subprocess_exec(
