@@ -8,6 +8,8 @@ import asyncio
 import io
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -15,7 +17,7 @@ import pytest
 
 from clients.ctl import WatchView, build_parser, cmd_watch, main
 from clients.ctl_security import bearer_interceptors
-from clients.device import DeviceAgent, DeviceConfig
+from clients.device import DeviceAgent, DeviceConfig, DeviceStats
 from clients.mesh import free_port
 from clients.viewer import Following, Interrupted, Missing, SessionViewer, VitalsEvent
 from core_services.server import CoreServer
@@ -60,6 +62,75 @@ async def publish(
     acks = [r async for r in stub.Publish(reqs(), metadata=bearer(token))]
     assert acks and acks[-1].received_seq == batches[-1].seq
     assert not any(r.HasField("rejection") for r in acks)
+
+
+async def streaming_device(
+    core: CoreServer, patient_id: str, stop: asyncio.Event
+) -> tuple[DeviceAgent, asyncio.Task[DeviceStats]]:
+    """A device agent for `patient_id` in zone-a, running until `stop`, with acks coming."""
+    device = DeviceAgent(DeviceConfig(core.address, patient_id, "zone-a"))
+    run = asyncio.create_task(device.run(stop))
+    await eventually(lambda: device.received_seq >= 5, what="device streaming")
+    return device, run
+
+
+async def clinician_viewer(
+    core: CoreServer, channel_to: ChannelTo, device: DeviceAgent, **kw: int
+) -> SessionViewer:
+    """A SessionViewer of the device's session, logged in as its patient's clinician."""
+    login = await staff(core, "clinician", (device.cfg.patient_id,))
+    return SessionViewer(channel_to(core.address), device.session_id, metadata=login, **kw)
+
+
+@dataclass
+class Seen:
+    """What a view showed: the seqs of live batches in order (snapshots left out), those of
+    them filled from the archive, and every note (Following, Interrupted, Missing)."""
+
+    task: asyncio.Task[None] | None = None
+    seqs: list[int] = field(default_factory=list)
+    from_archive: list[int] = field(default_factory=list)
+    notes: list[object] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def watching(viewer: SessionViewer) -> AsyncIterator[Seen]:
+    """Consume the viewer in the background, as `watch` does, until the block ends."""
+    seen = Seen()
+
+    async def consume() -> None:
+        async for ev in viewer:
+            if isinstance(ev, VitalsEvent) and ev.event.HasField("batch") and not ev.snapshot:
+                seen.seqs.append(ev.event.batch.seq)
+                if ev.from_archive:
+                    seen.from_archive.append(ev.event.batch.seq)
+            elif not isinstance(ev, VitalsEvent):
+                seen.notes.append(ev)
+
+    seen.task = asyncio.create_task(consume())
+    try:
+        yield seen
+    finally:
+        seen.task.cancel()
+        await asyncio.gather(seen.task, return_exceptions=True)
+
+
+async def stop_and_see_last(
+    seen: Seen,
+    device: DeviceAgent,
+    stop: asyncio.Event,
+    run: asyncio.Task[DeviceStats],
+    run_timeout: float = 15,
+) -> int:
+    """Stop the device; once it has stopped, wait for the view to show its last batch (the
+    seq returned)."""
+    stop.set()
+    await asyncio.wait_for(run, run_timeout)
+    last = device.next_seq() - 1
+    await eventually(
+        lambda: seen.seqs and seen.seqs[-1] == last, timeout=10, what="viewer saw the last batch"
+    )
+    return last
 
 
 async def test_watch_shows_each_field_with_its_own_age(
@@ -127,9 +198,7 @@ async def test_watch_command_renders_live_vitals(
 ) -> None:
     await edge_factory()
     stop = asyncio.Event()
-    device = DeviceAgent(DeviceConfig(core.address, "p-cli", "zone-a"))
-    run = asyncio.create_task(device.run(stop))
-    await eventually(lambda: device.received_seq >= 5, what="device streaming")
+    device, run = await streaming_device(core, "p-cli", stop)
     login: Metadata = await staff(core, "clinician", ("p-cli",))
     token = login[0][1].removeprefix("Bearer ")
     ns = build_parser().parse_args(
@@ -157,39 +226,16 @@ async def test_viewer_follows_edge_loss_with_every_batch_once_in_order(
     edge_a = await edge_factory("edge-a", "zone-a")
     edge_b = await edge_factory("edge-b", "zone-b")
     stop = asyncio.Event()
-    device = DeviceAgent(DeviceConfig(core.address, "p-follow", "zone-a"))
-    run = asyncio.create_task(device.run(stop))
-    await eventually(lambda: device.received_seq >= 5, what="device streaming")
-    viewer = SessionViewer(
-        channel_to(core.address),
-        device.session_id,
-        metadata=await staff(core, "clinician", ("p-follow",)),
-    )
-    seqs: list[int] = []
-    archive_seqs: list[int] = []
-    notes: list[object] = []
-
-    async def watch() -> None:
-        async for ev in viewer:
-            if isinstance(ev, VitalsEvent) and ev.event.HasField("batch") and not ev.snapshot:
-                seqs.append(ev.event.batch.seq)
-                if ev.from_archive:
-                    archive_seqs.append(ev.event.batch.seq)
-            elif not isinstance(ev, VitalsEvent):
-                notes.append(ev)
-
-    task = asyncio.create_task(watch())
-    await eventually(lambda: len(seqs) >= 10, what="viewer live on edge-a")
-    await crash(edge_a)
-    await eventually(lambda: viewer.edge_id == "edge-b", timeout=15, what="viewer on edge-b")
-    mark = device.next_seq()
-    await eventually(lambda: seqs and seqs[-1] > mark + 10, timeout=15, what="live on edge-b")
-    stop.set()
-    await asyncio.wait_for(run, 15)
-    last = device.next_seq() - 1
-    await eventually(lambda: seqs[-1] == last, timeout=10, what="viewer saw the last batch")
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    device, run = await streaming_device(core, "p-follow", stop)
+    viewer = await clinician_viewer(core, channel_to, device)
+    async with watching(viewer) as seen:
+        seqs, notes = seen.seqs, seen.notes
+        await eventually(lambda: len(seqs) >= 10, what="viewer live on edge-a")
+        await crash(edge_a)
+        await eventually(lambda: viewer.edge_id == "edge-b", timeout=15, what="viewer on edge-b")
+        mark = device.next_seq()
+        await eventually(lambda: seqs and seqs[-1] > mark + 10, timeout=15, what="live on edge-b")
+        last = await stop_and_see_last(seen, device, stop, run)
 
     assert seqs == list(range(seqs[0], last + 1)), "a batch shown twice, out of order, or lost"
     assert not [n for n in notes if isinstance(n, Missing)]
@@ -216,35 +262,13 @@ async def test_viewer_resuming_late_gets_what_the_edge_lacks_from_the_archive(
     await eventually(lambda: device.received_seq > mark + 10, what="acks from edge-b")
     # A clinician whose view stopped at seq 5 picks up again now: edge-b never held 6..30
     # (they were archived before it took over), so they come from the archive, then live.
-    viewer = SessionViewer(
-        channel_to(core.address),
-        device.session_id,
-        metadata=await staff(core, "clinician", ("p-late",)),
-        resume_after_seq=5,
-    )
-    seqs: list[int] = []
-    from_archive: list[int] = []
-    missing: list[Missing] = []
-
-    async def watch() -> None:
-        async for ev in viewer:
-            if isinstance(ev, VitalsEvent) and ev.event.HasField("batch") and not ev.snapshot:
-                seqs.append(ev.event.batch.seq)
-                if ev.from_archive:
-                    from_archive.append(ev.event.batch.seq)
-            elif isinstance(ev, Missing):
-                missing.append(ev)
-
-    task = asyncio.create_task(watch())
-    await eventually(lambda: seqs and seqs[-1] > device.received_seq - 5, what="viewer live")
-    stop.set()
-    await asyncio.wait_for(run, 15)
-    last = device.next_seq() - 1
-    await eventually(lambda: seqs[-1] == last, timeout=10, what="viewer saw the last batch")
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    viewer = await clinician_viewer(core, channel_to, device, resume_after_seq=5)
+    async with watching(viewer) as seen:
+        seqs, from_archive = seen.seqs, seen.from_archive
+        await eventually(lambda: seqs and seqs[-1] > device.received_seq - 5, what="viewer live")
+        last = await stop_and_see_last(seen, device, stop, run)
     assert seqs == list(range(6, last + 1)), "a batch shown twice, out of order, or lost"
-    assert not missing
+    assert not [n for n in seen.notes if isinstance(n, Missing)]
     assert from_archive[0] == 6 and from_archive[-1] >= 30
     assert from_archive == seqs[: len(from_archive)]
 
@@ -255,41 +279,21 @@ async def test_viewer_follows_a_drain_before_the_old_edge_lets_go(
     await edge_factory("edge-a", "zone-a")
     await edge_factory("edge-b", "zone-b")
     stop = asyncio.Event()
-    device = DeviceAgent(DeviceConfig(core.address, "p-drained", "zone-a"))
-    run = asyncio.create_task(device.run(stop))
-    await eventually(lambda: device.received_seq >= 5, what="device streaming")
-    viewer = SessionViewer(
-        channel_to(core.address),
-        device.session_id,
-        metadata=await staff(core, "clinician", ("p-drained",)),
-    )
-    seqs: list[int] = []
-    notes: list[object] = []
-
-    async def watch() -> None:
-        async for ev in viewer:
-            if isinstance(ev, VitalsEvent) and ev.event.HasField("batch") and not ev.snapshot:
-                seqs.append(ev.event.batch.seq)
-            elif not isinstance(ev, VitalsEvent):
-                notes.append(ev)
-
-    task = asyncio.create_task(watch())
-    await eventually(lambda: len(seqs) >= 10, what="viewer live on edge-a")
-    edges = edges_pb2_grpc.EdgesServiceStub(channel_to(core.address))
-    drained = await edges.Drain(
-        edges_pb2.DrainEdgeRequest(edge_id="edge-a", draining=True),
-        metadata=await staff(core, "operator"),
-    )
-    assert drained.edge.placed_sessions == 0
-    await eventually(lambda: viewer.stats.moves_followed == 1, what="viewer followed the move")
-    mark = device.next_seq()
-    await eventually(lambda: seqs[-1] > mark + 10, what="live on edge-b")
-    stop.set()
-    await asyncio.wait_for(run, 15)
-    last = device.next_seq() - 1
-    await eventually(lambda: seqs[-1] == last, timeout=10, what="viewer saw the last batch")
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    device, run = await streaming_device(core, "p-drained", stop)
+    viewer = await clinician_viewer(core, channel_to, device)
+    async with watching(viewer) as seen:
+        seqs, notes = seen.seqs, seen.notes
+        await eventually(lambda: len(seqs) >= 10, what="viewer live on edge-a")
+        edges = edges_pb2_grpc.EdgesServiceStub(channel_to(core.address))
+        drained = await edges.Drain(
+            edges_pb2.DrainEdgeRequest(edge_id="edge-a", draining=True),
+            metadata=await staff(core, "operator"),
+        )
+        assert drained.edge.placed_sessions == 0
+        await eventually(lambda: viewer.stats.moves_followed == 1, what="viewer followed the move")
+        mark = device.next_seq()
+        await eventually(lambda: seqs[-1] > mark + 10, what="live on edge-b")
+        last = await stop_and_see_last(seen, device, stop, run)
     assert seqs == list(range(seqs[0], last + 1)), "a batch shown twice, out of order, or lost"
     # Make-before-break for the view: it was never interrupted, and never fell back on the
     # archive.
@@ -309,33 +313,17 @@ async def test_viewer_resubscribes_before_its_token_expires_without_a_hole(
     # subscribes again beside the old stream before that (resume_after_seq = last seen).
     await edge_factory()
     stop = asyncio.Event()
-    device = DeviceAgent(DeviceConfig(core.address, "p-renewed", "zone-a"))
-    run = asyncio.create_task(device.run(stop))
-    await eventually(lambda: device.received_seq >= 5, what="device streaming")
+    device, run = await streaming_device(core, "p-renewed", stop)
     login = await staff(core, "clinician", ("p-renewed",))
     core.issuer.ttl_s = 3
     viewer = SessionViewer(channel_to(core.address), device.session_id, metadata=login)
-    seqs: list[int] = []
-    notes: list[object] = []
-
-    async def watch() -> None:
-        async for ev in viewer:
-            if isinstance(ev, VitalsEvent) and ev.event.HasField("batch") and not ev.snapshot:
-                seqs.append(ev.event.batch.seq)
-            elif not isinstance(ev, VitalsEvent):
-                notes.append(ev)
-
-    task = asyncio.create_task(watch())
-    await eventually(lambda: viewer.stats.token_refreshes >= 2, timeout=15, what="two renewals")
-    stop.set()
-    await asyncio.wait_for(run, 30)
-    last = device.next_seq() - 1
-    await eventually(lambda: seqs and seqs[-1] == last, timeout=10, what="the last batch")
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    async with watching(viewer) as seen:
+        await eventually(lambda: viewer.stats.token_refreshes >= 2, timeout=15, what="two renewals")
+        last = await stop_and_see_last(seen, device, stop, run, run_timeout=30)
+    seqs = seen.seqs
     assert seqs == list(range(seqs[0], last + 1)), "a batch shown twice, out of order, or lost"
     assert viewer.stats.resubscribes == 0
-    assert not [n for n in notes if isinstance(n, (Interrupted, Missing))]
+    assert not [n for n in seen.notes if isinstance(n, (Interrupted, Missing))]
 
 
 async def test_viewer_rides_out_a_core_outage_while_it_must_re_attach(
@@ -370,60 +358,44 @@ async def test_viewer_rides_out_a_core_outage_while_it_must_re_attach(
         return e
 
     stop = asyncio.Event()
-    run: asyncio.Task[object] | None = None
-    task: asyncio.Task[None] | None = None
+    run: asyncio.Task[DeviceStats] | None = None
     try:
         edge_a = await edge("edge-a")
         await eventually(lambda: "edge-a" in core.edges.edges, what="edge-a registered")
-        device = DeviceAgent(DeviceConfig(core.address, "p-outage", "zone-a"))
-        run = asyncio.create_task(device.run(stop))
-        await eventually(lambda: device.received_seq >= 5, what="device streaming")
-        viewer = SessionViewer(
-            channel_to(core.address),
-            device.session_id,
-            metadata=await staff(core, "clinician", ("p-outage",)),
-        )
-        seqs: list[int] = []
-        notes: list[object] = []
-
-        async def watch() -> None:
-            async for ev in viewer:
-                if isinstance(ev, VitalsEvent) and ev.event.HasField("batch") and not ev.snapshot:
-                    seqs.append(ev.event.batch.seq)
-                elif not isinstance(ev, VitalsEvent):
-                    notes.append(ev)
-
-        task = asyncio.create_task(watch())
-        await eventually(lambda: len(seqs) >= 10, what="viewer live")
-        await core.stop(grace=0)
-        await crash(edge_a)
-        await eventually(
-            lambda: sum(isinstance(n, Interrupted) and "core" in n.message for n in notes) >= 3,
-            what="the viewer retrying the core",
-        )
-        assert not task.done()
-        retries = [
-            n.retry_in_s for n in notes if isinstance(n, Interrupted) and "core" in n.message
-        ]
-        assert max(retries) > min(retries)  # backing off, not spinning
-        core = CoreServer(settings)
-        await core.start()
-        await edge("edge-b")
-        await eventually(lambda: viewer.edge_id == "edge-b", timeout=20, what="viewer on edge-b")
-        mark = device.next_seq()
-        await eventually(lambda: seqs[-1] > mark + 10, timeout=15, what="live on edge-b")
-        stop.set()
-        await asyncio.wait_for(run, 20)
-        last = device.next_seq() - 1
-        await eventually(lambda: seqs[-1] == last, timeout=10, what="viewer saw the last batch")
-        assert seqs == list(range(seqs[0], last + 1)), "a batch shown twice, out of order, or lost"
-        assert not [n for n in notes if isinstance(n, Missing)]
+        device, run = await streaming_device(core, "p-outage", stop)
+        viewer = await clinician_viewer(core, channel_to, device)
+        async with watching(viewer) as seen:
+            seqs, notes = seen.seqs, seen.notes
+            await eventually(lambda: len(seqs) >= 10, what="viewer live")
+            await core.stop(grace=0)
+            await crash(edge_a)
+            await eventually(
+                lambda: sum(isinstance(n, Interrupted) and "core" in n.message for n in notes) >= 3,
+                what="the viewer retrying the core",
+            )
+            assert seen.task is not None and not seen.task.done()
+            retries = [
+                n.retry_in_s for n in notes if isinstance(n, Interrupted) and "core" in n.message
+            ]
+            assert max(retries) > min(retries)  # backing off, not spinning
+            core = CoreServer(settings)
+            await core.start()
+            await edge("edge-b")
+            await eventually(
+                lambda: viewer.edge_id == "edge-b", timeout=20, what="viewer on edge-b"
+            )
+            mark = device.next_seq()
+            await eventually(lambda: seqs[-1] > mark + 10, timeout=15, what="live on edge-b")
+            last = await stop_and_see_last(seen, device, stop, run, run_timeout=20)
+            assert seqs == list(range(seqs[0], last + 1)), (
+                "a batch shown twice, out of order, or lost"
+            )
+            assert not [n for n in notes if isinstance(n, Missing)]
     finally:
         stop.set()
-        for t in (task, run):
-            if t is not None:
-                t.cancel()
-                await asyncio.gather(t, return_exceptions=True)
+        if run is not None:
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
         for e in edges:
             await e.stop(grace=0)
         await core.stop(grace=0)
