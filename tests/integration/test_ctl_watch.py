@@ -75,11 +75,16 @@ async def streaming_device(
 
 
 async def clinician_viewer(
-    core: CoreServer, channel_to: ChannelTo, device: DeviceAgent, **kw: int
+    core: CoreServer, channel_to: ChannelTo, device: DeviceAgent, resume_after_seq: int = 0
 ) -> SessionViewer:
     """A SessionViewer of the device's session, logged in as its patient's clinician."""
     login = await staff(core, "clinician", (device.cfg.patient_id,))
-    return SessionViewer(channel_to(core.address), device.session_id, metadata=login, **kw)
+    return SessionViewer(
+        channel_to(core.address),
+        device.session_id,
+        metadata=login,
+        resume_after_seq=resume_after_seq,
+    )
 
 
 @dataclass
