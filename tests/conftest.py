@@ -19,6 +19,8 @@ from core_services.store import SqlStore
 from edge_nodes.server import EdgeServer
 from telehealth.config import CoreSettings, EdgeSettings
 from telehealth.rpc import bearer, channel_options
+from telehealth.security.pki import init_pki, load_authority, write_certificate
+from telehealth.security.tls import TlsFiles
 
 EdgeFactory = Callable[..., Awaitable[EdgeServer]]
 Metadata = tuple[tuple[str, str], ...]
@@ -113,6 +115,63 @@ async def channel_to() -> AsyncIterator[Callable[[str], grpc.aio.Channel]]:
     yield open_channel
     for ch in channels:
         await ch.close()
+
+
+def tls_kw(f: TlsFiles) -> dict[str, str]:
+    """A process's TLS files as the tls_*_file settings of CoreSettings / EdgeSettings."""
+    return {"tls_cert_file": str(f.cert), "tls_key_file": str(f.key), "tls_ca_file": str(f.ca)}
+
+
+# The name edge-a's certificate gives it: DNS only, no IP (as with Kubernetes pod IPs).
+EDGE_TLS_NAME = "edge-a.zone-a.telehealth.test"
+
+
+@pytest.fixture
+def named_edge_pki(tmp_path: Path) -> dict[str, TlsFiles]:
+    """A CA with core, device and clinician certificates, and edge-a's naming it by
+    EDGE_TLS_NAME only: dialling the edge's IP works only with that name."""
+    out = init_pki(tmp_path / "pki", services=["core"], clients=["device", "clinician"])
+    ca = load_authority(tmp_path / "pki")
+    assert ca is not None
+    out["edge-a"] = write_certificate(tmp_path / "pki", ca, "edge-a", [EDGE_TLS_NAME])
+    return out
+
+
+@pytest.fixture
+def tls_edge_settings() -> dict[str, Any]:
+    """More settings for the edge of `tls_mesh`; a test module overrides this fixture (media
+    tests give each module its own UDP port range)."""
+    return {}
+
+
+@pytest.fixture
+async def tls_mesh(
+    tmp_path: Path, named_edge_pki: dict[str, TlsFiles], tls_edge_settings: dict[str, Any]
+) -> AsyncIterator[tuple[CoreServer, EdgeServer]]:
+    """A core and edge-a with mTLS on, the edge announcing EDGE_TLS_NAME, registered."""
+    core = CoreServer(core_settings(tmp_path, **tls_kw(named_edge_pki["core"])))
+    await core.start()
+    edge = EdgeServer(
+        EdgeSettings.model_validate(
+            {
+                "edge_id": "edge-a",
+                "grpc_listen": "127.0.0.1:0",
+                "http_listen": "127.0.0.1:0",
+                "core_address": core.address,
+                "heartbeat_interval_s": 0.1,
+                "data_dir": tmp_path / "edge-a",
+                "log_format": "text",
+                **tls_edge_settings,
+                "tls_server_name": EDGE_TLS_NAME,
+                **tls_kw(named_edge_pki["edge-a"]),
+            }
+        )
+    )
+    await edge.start()
+    await eventually(lambda: "edge-a" in core.edges.edges, 10, "edge registered")
+    yield core, edge
+    await edge.stop(grace=0)
+    await core.stop(grace=0)
 
 
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"

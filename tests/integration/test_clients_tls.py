@@ -5,8 +5,6 @@ dialled by IP whose certificate names it by DNS only, as with Kubernetes pod IPs
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -17,61 +15,17 @@ from clients.dial import edge_channel
 from clients.viewer import SessionViewer, VitalsEvent
 from core_services.server import CoreServer
 from edge_nodes.server import EdgeServer
-from telehealth.config import EdgeSettings
 from telehealth.rpc import bearer, secure_channel
-from telehealth.security.pki import init_pki, load_authority, write_certificate
 from telehealth.security.tls import TlsFiles
 from telehealth.v1 import sessions_pb2
-from tests.conftest import core_settings, eventually
-
-EDGE_NAME = "edge-a.zone-a.telehealth.test"
-
-
-def tls_kw(f: TlsFiles) -> dict[str, str]:
-    return {"tls_cert_file": str(f.cert), "tls_key_file": str(f.key), "tls_ca_file": str(f.ca)}
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> dict[str, TlsFiles]:
-    out = init_pki(tmp_path / "pki", services=["core"], clients=["device", "clinician"])
-    ca = load_authority(tmp_path / "pki")
-    assert ca is not None
-    out["edge-a"] = write_certificate(tmp_path / "pki", ca, "edge-a", [EDGE_NAME])
-    return out
-
-
-@pytest.fixture
-async def mesh(
-    tmp_path: Path, pki: dict[str, TlsFiles]
-) -> AsyncIterator[tuple[CoreServer, EdgeServer]]:
-    core = CoreServer(core_settings(tmp_path, **tls_kw(pki["core"])))
-    await core.start()
-    edge = EdgeServer(
-        EdgeSettings.model_validate(
-            {
-                "edge_id": "edge-a",
-                "grpc_listen": "127.0.0.1:0",
-                "http_listen": "127.0.0.1:0",
-                "core_address": core.address,
-                "heartbeat_interval_s": 0.1,
-                "data_dir": tmp_path / "edge-a",
-                "log_format": "text",
-                "tls_server_name": EDGE_NAME,
-                **tls_kw(pki["edge-a"]),
-            }
-        )
-    )
-    await edge.start()
-    await eventually(lambda: "edge-a" in core.edges.edges, 10, "edge registered")
-    yield core, edge
-    await edge.stop(grace=0)
-    await core.stop(grace=0)
+from tests.conftest import EDGE_TLS_NAME, eventually
 
 
 async def test_device_and_viewer_reach_the_edge_by_its_tls_name(
-    mesh: tuple[CoreServer, EdgeServer], pki: dict[str, TlsFiles]
+    tls_mesh: tuple[CoreServer, EdgeServer], named_edge_pki: dict[str, TlsFiles]
 ) -> None:
-    core, _ = mesh
+    core, _ = tls_mesh
+    pki = named_edge_pki
     await core.security.users.add_user("dr-tls", "clinician", "correct horse battery staple")
     await core.security.users.assign("dr-tls", "p-tls")
     agent = DeviceAgent(DeviceConfig(core.address, "p-tls", "zone-a", tls=pki["device"]))
@@ -79,7 +33,7 @@ async def test_device_and_viewer_reach_the_edge_by_its_tls_name(
     run = asyncio.create_task(agent.run(stop))
     await eventually(lambda: agent.received_seq >= 10, 15, "device acked over mTLS")
     assert agent.assignment is not None
-    assert agent.assignment.edge_tls_server_name == EDGE_NAME
+    assert agent.assignment.edge_tls_server_name == EDGE_TLS_NAME
     token, _ = core.issuer.issue_user(user_id="dr-tls", role="clinician", ttl_s=600)
     seqs: list[int] = []
     async with secure_channel(core.address, pki["clinician"]) as ch:
