@@ -67,7 +67,7 @@ from telehealth.v1 import (
     vitals_pb2,
     vitals_pb2_grpc,
 )
-from tests.conftest import core_settings
+from tests.conftest import core_settings, tls_kw
 from tests.integration.test_vitals_path import make_batch
 
 EXAMPLES = int(os.environ.get("HOSTILE_EXAMPLES", "1000"))
@@ -205,12 +205,8 @@ class Mesh:
         return ch
 
 
-def _tls_kw(f: TlsFiles) -> dict[str, str]:
-    return {"tls_cert_file": str(f.cert), "tls_key_file": str(f.key), "tls_ca_file": str(f.ca)}
-
-
 async def _start(tmp: Path, pki: dict[str, TlsFiles] | None) -> tuple[CoreServer, EdgeServer]:
-    tls = _tls_kw(pki["core"]) if pki else {}
+    tls = tls_kw(pki["core"]) if pki else {}
     # A loaded CI box must not see the edge as dead mid-suite (that is failover, tested elsewhere).
     core = CoreServer(core_settings(tmp, heartbeat_timeout_s=60.0, **tls))
     await core.start()
@@ -226,7 +222,7 @@ async def _start(tmp: Path, pki: dict[str, TlsFiles] | None) -> tuple[CoreServer
                 "log_format": "text",
                 "publish_rate_batches_per_s": RATE,
                 "publish_burst_batches": RATE_BURST,
-                **(_tls_kw(pki["edge-a"]) if pki else {}),
+                **(tls_kw(pki["edge-a"]) if pki else {}),
             }
         )
     )

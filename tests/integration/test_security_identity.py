@@ -29,12 +29,8 @@ from telehealth.v1 import (
     sessions_pb2,
     sessions_pb2_grpc,
 )
-from tests.conftest import core_settings, eventually
+from tests.conftest import core_settings, eventually, tls_kw
 from tests.integration.test_vitals_path import make_batch
-
-
-def tls_kw(f: TlsFiles) -> dict[str, str]:
-    return {"tls_cert_file": str(f.cert), "tls_key_file": str(f.key), "tls_ca_file": str(f.ca)}
 
 
 @pytest.fixture

@@ -24,11 +24,7 @@ from telehealth.config import EdgeSettings
 from telehealth.rpc import secure_channel
 from telehealth.security.pki import init_pki, load_authority, write_certificate
 from telehealth.security.tls import TlsFiles
-from tests.conftest import core_settings, eventually
-
-
-def tls_kw(f: TlsFiles) -> dict[str, str]:
-    return {"tls_cert_file": str(f.cert), "tls_key_file": str(f.key), "tls_ca_file": str(f.ca)}
+from tests.conftest import core_settings, eventually, tls_kw
 
 
 @pytest.fixture

@@ -487,21 +487,13 @@ async def test_edge_dialled_by_ip_is_checked_against_its_tls_server_name(tmp_pat
     from telehealth.config import EdgeSettings
     from telehealth.rpc import bearer, secure_channel
     from telehealth.security.pki import init_pki, load_authority, write_certificate
-    from telehealth.security.tls import TlsFiles
-    from tests.conftest import core_settings
+    from tests.conftest import core_settings, tls_kw
 
     pki = init_pki(tmp_path / "pki", services=["core"])
     ca = load_authority(tmp_path / "pki")
     assert ca is not None
     name = "telehealth-edge-zone-a"
     edge_tls = write_certificate(tmp_path / "pki", ca, "edge-a", [name])  # no IP in it
-
-    def tls_kw(f: TlsFiles) -> dict[str, str]:
-        return {
-            "tls_cert_file": str(f.cert),
-            "tls_key_file": str(f.key),
-            "tls_ca_file": str(f.ca),
-        }
 
     core = CoreServer(core_settings(tmp_path, **tls_kw(pki["core"])))
     await core.start()
