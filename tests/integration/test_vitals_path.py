@@ -49,6 +49,15 @@ async def requests(
         yield vitals_pb2.PublishVitalsRequest(batch=b)
 
 
+async def publish_all(
+    vitals: vitals_pb2_grpc.VitalsServiceAsyncStub,
+    batches: list[vitals_pb2.VitalsBatch],
+    token: str,
+) -> list[vitals_pb2.PublishVitalsResponse]:
+    """Publish the batches on one stream and return every ack once the edge ends it."""
+    return [r async for r in vitals.Publish(requests(batches), metadata=bearer(token))]
+
+
 async def open_session(
     core: CoreServer,
     channel_to: Callable[[str], grpc.aio.Channel],
@@ -73,25 +82,14 @@ async def test_batches_reach_subscriber_in_order_without_loss(
     opened = await open_session(core, channel_to)
     assert opened.assignment.edge_id == "edge-a"
     sid = opened.session.session_id
-    sessions = sessions_pb2_grpc.SessionsServiceStub(channel_to(core.address))
-    viewer = await sessions.Attach(
-        sessions_pb2.AttachSessionRequest(session_id=sid, role=sessions_pb2.ROLE_VIEWER),
-        metadata=await staff(core, "clinician", ("p-1",)),
-    )
     vitals = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
-    sub = vitals.Subscribe(
-        vitals_pb2.SubscribeVitalsRequest(session_id=sid), metadata=bearer(viewer.assignment.token)
-    )
+    sub = await clinician_view(core, channel_to, vitals, sid)
     await eventually(lambda: edge.sessions.subscribers == 1, what="subscriber joined")
     n = 200
-    acks = [
-        r.received_seq
-        async for r in vitals.Publish(
-            requests([make_batch(sid, i) for i in range(1, n + 1)]),
-            metadata=bearer(opened.assignment.token),
-        )
-    ]
-    assert acks[-1] == n
+    acks = await publish_all(
+        vitals, [make_batch(sid, i) for i in range(1, n + 1)], opened.assignment.token
+    )
+    assert acks[-1].received_seq == n
     seen: list[int] = []
     news2: list[int] = []
     async for ev in sub:
@@ -141,6 +139,21 @@ async def viewer_token(core: CoreServer, channel_to: ChannelTo, sid: str) -> str
         metadata=await staff(core, "clinician", ("p-1",)),
     )
     return viewer.assignment.token
+
+
+async def clinician_view(
+    core: CoreServer,
+    channel_to: ChannelTo,
+    vitals: vitals_pb2_grpc.VitalsServiceAsyncStub,
+    sid: str,
+    **request: Any,
+) -> grpc.aio.UnaryStreamCall[Any, vitals_pb2.SubscribeVitalsResponse]:
+    """A clinician's Subscribe to the session (request fields as given), with a viewer token
+    of its own."""
+    return vitals.Subscribe(
+        vitals_pb2.SubscribeVitalsRequest(session_id=sid, **request),
+        metadata=bearer(await viewer_token(core, channel_to, sid)),
+    )
 
 
 async def next_event(
@@ -280,14 +293,9 @@ async def test_resume_names_what_this_edge_cannot_replay(
     vitals = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
     # Seq 8 is refused (pulse 900): journaled as a tombstone.
     batches = [make_batch(sid, s, hr=900 if s == 8 else 72) for s in range(6, 11)]
-    acks = [
-        r async for r in vitals.Publish(requests(batches), metadata=bearer(opened.assignment.token))
-    ]
+    acks = await publish_all(vitals, batches, opened.assignment.token)
     assert acks[-1].received_seq == 10
-    view = vitals.Subscribe(
-        vitals_pb2.SubscribeVitalsRequest(session_id=sid, resume_after_seq=2),
-        metadata=bearer(await viewer_token(core, channel_to, sid)),
-    )
+    view = await clinician_view(core, channel_to, vitals, sid, resume_after_seq=2)
     first = await view.read()
     assert isinstance(first, vitals_pb2.SubscribeVitalsResponse)
     assert first.HasField("gap")
@@ -310,17 +318,9 @@ async def test_include_latest_replays_each_value_with_its_own_time(
     pulse = vitals_pb2.VitalsBatch(session_id=sid, seq=2, device_time_unix_ns=t_full + 10**9)
     pulse.vitals.add(device_time_unix_ns=t_full + 10**9, heart_rate_bpm=101)
     vitals = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
-    acks = [
-        r
-        async for r in vitals.Publish(
-            requests([full, pulse]), metadata=bearer(opened.assignment.token)
-        )
-    ]
+    acks = await publish_all(vitals, [full, pulse], opened.assignment.token)
     assert acks[-1].received_seq == 2
-    view = vitals.Subscribe(
-        vitals_pb2.SubscribeVitalsRequest(session_id=sid, include_latest=True),
-        metadata=bearer(await viewer_token(core, channel_to, sid)),
-    )
+    view = await clinician_view(core, channel_to, vitals, sid, include_latest=True)
     snap = await next_event(view, "batch")
     assert snap.batch.seq == 0  # not a published batch: the latest value of each field
     older, newer = snap.batch.vitals
@@ -444,17 +444,14 @@ async def scored(
     """Publish the readings (seq 1..n) under a live view; return every NEWS2 update and
     every alert as (seq, kind, previous band, band)."""
     vitals = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
-    view = vitals.Subscribe(
-        vitals_pb2.SubscribeVitalsRequest(session_id=sid),
-        metadata=bearer(await viewer_token(core, channel_to, sid)),
-    )
+    view = await clinician_view(core, channel_to, vitals, sid)
     await eventually(lambda: edge.sessions.subscribers >= 1, what="viewer")
     batches = [reading(sid, i + 1, **r) for i, r in enumerate(readings)]
     # Then a waveform-only batch: its event follows everything the last reading raised.
     end = make_batch(sid, len(readings) + 1)
     del end.vitals[:]
     batches.append(end)
-    acks = [r async for r in vitals.Publish(requests(batches), metadata=bearer(token))]
+    acks = await publish_all(vitals, batches, token)
     assert acks[-1].received_seq == end.seq
     assert not any(a.HasField("rejection") for a in acks)
     updates: list[vitals_pb2.News2Update] = []
@@ -584,10 +581,7 @@ async def test_news2_leaves_out_stale_inputs(
     opened = await open_session(core, channel_to)
     sid = opened.session.session_id
     vitals = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
-    view = vitals.Subscribe(
-        vitals_pb2.SubscribeVitalsRequest(session_id=sid),
-        metadata=bearer(await viewer_token(core, channel_to, sid)),
-    )
+    view = await clinician_view(core, channel_to, vitals, sid)
     await eventually(lambda: edge.sessions.subscribers == 1, what="viewer")
     # A blood pressure (systolic 90: 3 points) measured two minutes ago, then a fresh
     # reading of everything else.
@@ -597,12 +591,7 @@ async def test_news2_leaves_out_stale_inputs(
     fresh = reading(sid, 2)
     fresh.vitals[0].ClearField("systolic_mmhg")
     fresh.vitals[0].ClearField("diastolic_mmhg")
-    acks = [
-        r
-        async for r in vitals.Publish(
-            requests([old, fresh]), metadata=bearer(opened.assignment.token)
-        )
-    ]
+    acks = await publish_all(vitals, [old, fresh], opened.assignment.token)
     assert acks[-1].received_seq == 2
     first = (await next_event(view, "news2")).news2
     second = (await next_event(view, "news2")).news2
