@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TypedDict, Unpack
 
 from edge_nodes.scoring.news2 import Consciousness, OxygenSupport
 
@@ -23,38 +24,32 @@ _CONSCIOUSNESS = frozenset(int(c) for c in Consciousness)
 _OXYGEN = frozenset(int(o) for o in OxygenSupport)
 
 
+class Reading(TypedDict, total=False):
+    """The keyword arguments of impossible(): one reading, each value optional."""
+
+    heart_rate_bpm: float | None
+    spo2_percent: float | None
+    respiration_rate_bpm: float | None
+    systolic_mmhg: float | None
+    diastolic_mmhg: float | None
+    temperature_c: float | None
+    consciousness: int
+    oxygen_support: int
+
+
 class ImpossibleVitalsError(ValueError):
     """A reading no patient can have; `code` is stable for mapping to a gRPC status."""
 
     code = "IMPOSSIBLE_VITALS"
 
 
-def impossible_reason(
-    *,
-    heart_rate_bpm: float | None = None,
-    spo2_percent: float | None = None,
-    respiration_rate_bpm: float | None = None,
-    systolic_mmhg: float | None = None,
-    diastolic_mmhg: float | None = None,
-    temperature_c: float | None = None,
-    consciousness: int = 0,
-    oxygen_support: int = 0,
-) -> str | None:
+def impossible_reason(**reading: Unpack[Reading]) -> str | None:
     """Why this reading is impossible or malformed, naming field, value and range; else None.
 
     A None value means the sensor did not report it and is skipped; enum value 0
     means not reported.
     """
-    found = impossible(
-        heart_rate_bpm=heart_rate_bpm,
-        spo2_percent=spo2_percent,
-        respiration_rate_bpm=respiration_rate_bpm,
-        systolic_mmhg=systolic_mmhg,
-        diastolic_mmhg=diastolic_mmhg,
-        temperature_c=temperature_c,
-        consciousness=consciousness,
-        oxygen_support=oxygen_support,
-    )
+    found = impossible(**reading)
     return None if found is None else found[1]
 
 
@@ -110,27 +105,8 @@ def impossible(
     return None
 
 
-def validate_vitals(
-    *,
-    heart_rate_bpm: float | None = None,
-    spo2_percent: float | None = None,
-    respiration_rate_bpm: float | None = None,
-    systolic_mmhg: float | None = None,
-    diastolic_mmhg: float | None = None,
-    temperature_c: float | None = None,
-    consciousness: int = 0,
-    oxygen_support: int = 0,
-) -> None:
+def validate_vitals(**reading: Unpack[Reading]) -> None:
     """Raise ImpossibleVitalsError with impossible_reason's message if there is one."""
-    reason = impossible_reason(
-        heart_rate_bpm=heart_rate_bpm,
-        spo2_percent=spo2_percent,
-        respiration_rate_bpm=respiration_rate_bpm,
-        systolic_mmhg=systolic_mmhg,
-        diastolic_mmhg=diastolic_mmhg,
-        temperature_c=temperature_c,
-        consciousness=consciousness,
-        oxygen_support=oxygen_support,
-    )
+    reason = impossible_reason(**reading)
     if reason is not None:
         raise ImpossibleVitalsError(reason)
