@@ -293,7 +293,7 @@ def readme_body(report: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
         lines += ["", *video_readme_lines(figs["video"])]
     lines += [
         "",
-        markdown_table(goals_table([Goal(**_g(g)) for g in report["goals"]])),
+        markdown_table(goals_table([Goal.from_dict(g) for g in report["goals"]])),
         "",
         "![latency CDF per path](results/latest-latency-cdf.png)",
         "",
@@ -319,10 +319,6 @@ def _sustainable_text(label: str, v: dict[str, Any]) -> str:
         "unknown": "ceiling or not: not recorded in this report",
     }.get(kind, kind)
     return f"{label} {fmt_sustainable({**v, 'kind': kind})} ({n} patient{'s' * (n != 1)}; {what})"
-
-
-def _g(d: dict[str, Any]) -> dict[str, Any]:
-    return {"name": d["goal"], "target": d["target"], "measured": d["measured"], "met": d["met"]}
 
 
 async def run_suite(

@@ -264,7 +264,7 @@ def readme_long_body(report: dict[str, Any]) -> str:
         lines += ["", f"Video long call: the measurement failed ({call['error']})."]
     lines += [
         "",
-        markdown_table(goals_table([Goal(**_g(g)) for g in report["goals"]])),
+        markdown_table(goals_table([Goal.from_dict(g) for g in report["goals"]])),
         "",
         "![memory per process over the soak](results/latest-long-memory.png)",
         "",
@@ -272,10 +272,6 @@ def readme_long_body(report: dict[str, Any]) -> str:
         "(JSON: [results/latest-long.json](results/latest-long.json)).",
     ]
     return "\n".join(lines)
-
-
-def _g(d: dict[str, Any]) -> dict[str, Any]:
-    return {"name": d["goal"], "target": d["target"], "measured": d["measured"], "met": d["met"]}
 
 
 def write_long_report(
@@ -367,5 +363,5 @@ def main_long(out: Path, readme: Path | None, soak_s: float, call_s: float, prog
         update_long_readme(readme, report)
     print(markdown_table(summary_table(report["runs"])))
     print()
-    print(markdown_table(goals_table([Goal(**_g(g)) for g in report["goals"]])))
+    print(markdown_table(goals_table([Goal.from_dict(g) for g in report["goals"]])))
     print(f"\nreport: {path}, {path.with_suffix('.html')}; took {time.time() - started:.0f} s")

@@ -92,6 +92,11 @@ class Goal:
             "met": self.met,
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Goal:
+        """The goal again from its to_dict() form (a report's "goals")."""
+        return cls(name=d["goal"], target=d["target"], measured=d["measured"], met=d["met"])
+
 
 # Other processes on a pinned CPU worth a note (the machine is shared).
 OTHERS_NOTE_PERCENT = 15.0
@@ -212,7 +217,7 @@ def write_html(report: dict[str, Any], path: Path, plot_files: dict[str, Path]) 
     if report.get("goals"):
         parts += [
             "<h2>Goals</h2>",
-            html_table(goals_table([Goal(**_goal(g)) for g in report["goals"]])),
+            html_table(goals_table([Goal.from_dict(g) for g in report["goals"]])),
         ]
     if report.get("figures"):
         parts += [
@@ -240,10 +245,6 @@ def write_html(report: dict[str, Any], path: Path, plot_files: dict[str, Path]) 
         "</pre></body></html>",
     ]  # fmt: skip
     path.write_text("\n".join(parts))
-
-
-def _goal(d: dict[str, Any]) -> dict[str, Any]:
-    return {"name": d["goal"], "target": d["target"], "measured": d["measured"], "met": d["met"]}
 
 
 def machine_line(report: dict[str, Any]) -> str:
