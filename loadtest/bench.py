@@ -54,8 +54,7 @@ from loadtest.report import (
     rows_of,
     summary_table,
     update_readme,
-    write_html,
-    write_json,
+    write_report,
 )
 from loadtest.runner import RunContext, run_scenario
 from loadtest.scenario import PATHS, Scenario, load_scenario
@@ -505,13 +504,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         drop_rows=[*rows, *ramp_rows],
         cdf_title="Latency per path at 100 and 500 patients (25 batches/s each)",
     )
-    report["plots"] = {k.strip("-").removesuffix(".png"): p.name for k, p in plots.items()}
-    write_json(report, Path(f"{prefix}.json"))
-    write_html(
-        report,
-        Path(f"{prefix}.html"),
-        {k.strip("-").removesuffix(".png"): p for k, p in plots.items()},
-    )
+    write_report(report, prefix, plots)
     copy_latest({".json": Path(f"{prefix}.json"), ".html": Path(f"{prefix}.html"), **{
         k: p for k, p in plots.items()}}, out)  # fmt: skip
     if not ns.no_readme:

@@ -21,8 +21,7 @@ from loadtest.report import (
     path_figures,
     rows_of,
     summary_table,
-    write_html,
-    write_json,
+    write_report,
 )
 from loadtest.runner import RunContext, run_scenario
 from loadtest.scenario import Scenario, ScenarioError, available, load_scenario
@@ -71,13 +70,7 @@ def _write(
         report["figures"]["placement"] = placement
     main_rows = [r for r in rows if not r.get("bisect")]
     plots = all_plots(prefix, main_rows, rows, main_rows, rows, limit_ms=sc.p99_limit_ms)
-    report["plots"] = {k.strip("-").removesuffix(".png"): p.name for k, p in plots.items()}
-    write_json(report, Path(f"{prefix}.json"))
-    write_html(
-        report,
-        Path(f"{prefix}.html"),
-        {k.strip("-").removesuffix(".png"): p for k, p in plots.items()},
-    )
+    write_report(report, prefix, plots)
     copy_latest(
         {f"-{sc.name}.json": Path(f"{prefix}.json"), f"-{sc.name}.html": Path(f"{prefix}.html")},
         out,

@@ -45,8 +45,7 @@ from loadtest.report import (
     rows_of,
     summary_table,
     update_readme,
-    write_html,
-    write_json,
+    write_report,
 )
 from loadtest.runner import RunContext, run_scenario
 from loadtest.scenario import Scenario, load_scenario
@@ -325,13 +324,7 @@ def write_long_report(
     plots["-memory.png"] = memory_timeline(
         results, Path(f"{prefix}-memory.png"), "RSS per process over the soak"
     )
-    report["plots"] = {k.strip("-").removesuffix(".png"): p.name for k, p in plots.items()}
-    write_json(report, Path(f"{prefix}.json"))
-    write_html(
-        report,
-        Path(f"{prefix}.html"),
-        {k.strip("-").removesuffix(".png"): p for k, p in plots.items()},
-    )
+    write_report(report, prefix, plots)
     copy_latest(
         {"-long.json": Path(f"{prefix}.json"), "-long.html": Path(f"{prefix}.html"),
          **{f"-long{k}": p for k, p in plots.items()}},

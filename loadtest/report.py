@@ -276,6 +276,15 @@ def write_json(report: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
 
 
+def write_report(report: dict[str, Any], prefix: Path, plots: dict[str, Path]) -> None:
+    """Name the plots (all_plots' suffixes, e.g. "-latency-cdf.png") in the report, then write
+    <prefix>.json and the self-contained <prefix>.html that embeds them."""
+    named = {k.strip("-").removesuffix(".png"): p for k, p in plots.items()}
+    report["plots"] = {name: p.name for name, p in named.items()}
+    write_json(report, Path(f"{prefix}.json"))
+    write_html(report, Path(f"{prefix}.html"), named)
+
+
 def copy_latest(files: dict[str, Path], out_dir: Path) -> None:
     for key, f in files.items():
         shutil.copyfile(f, out_dir / f"latest{key}")
