@@ -48,32 +48,54 @@ class RpcMetrics:
         )
 
 
+class EdgeSeries:
+    """Declares one edge's metrics under NAMESPACE in the server's registry, labelled with the
+    edge and its zone, and returns that edge's own series. (A metric with labels of its own
+    besides is declared in full, with `values` among its labels.)"""
+
+    def __init__(self, registry: CollectorRegistry, edge_id: str, zone: str) -> None:
+        self.registry = registry
+        self.values = {"edge": edge_id, "zone": zone}
+        self.names = list(self.values)
+
+    def counter(self, name: str, documentation: str) -> Counter:
+        return Counter(
+            name, documentation, self.names, namespace=NAMESPACE, registry=self.registry
+        ).labels(**self.values)
+
+    def gauge(self, name: str, documentation: str) -> Gauge:
+        return Gauge(
+            name, documentation, self.names, namespace=NAMESPACE, registry=self.registry
+        ).labels(**self.values)
+
+    def histogram(self, name: str, documentation: str) -> Histogram:
+        return Histogram(
+            name,
+            documentation,
+            self.names,
+            namespace=NAMESPACE,
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        ).labels(**self.values)
+
+
 class GuardMetrics:
     """The edge's front door: publish pacing and the durable audit outbox."""
 
     def __init__(self, registry: CollectorRegistry, edge_id: str, zone: str) -> None:
-        labels = {"edge": edge_id, "zone": zone}
-        self.paced = Counter(
+        series = EdgeSeries(registry, edge_id, zone)
+        labels = series.values
+        self.paced = series.counter(
             "edge_publish_paced_total",
             "Publish batches held back because their session was over its rate",
-            list(labels),
-            namespace=NAMESPACE,
-            registry=registry,
-        ).labels(**labels)
-        self.paced_seconds = Counter(
-            "edge_publish_paced_seconds_total",
-            "Time publish streams were held back by pacing",
-            list(labels),
-            namespace=NAMESPACE,
-            registry=registry,
-        ).labels(**labels)
-        self.audit_pending = Gauge(
+        )
+        self.paced_seconds = series.counter(
+            "edge_publish_paced_seconds_total", "Time publish streams were held back by pacing"
+        )
+        self.audit_pending = series.gauge(
             "edge_audit_pending",
             "Audit records persisted at the edge and not yet chained by the core",
-            list(labels),
-            namespace=NAMESPACE,
-            registry=registry,
-        ).labels(**labels)
+        )
         recorded = Counter(
             "edge_audit_recorded_total",
             "Audit records of patient-data reads at this edge, by outcome (allowed, denied)",
@@ -90,28 +112,13 @@ class EdgeMetrics:
 
     def __init__(self, registry: CollectorRegistry, edge_id: str, zone: str) -> None:
         self.rpc = RpcMetrics(registry)
-        labels = {"edge": edge_id, "zone": zone}
-        self.active_sessions = Gauge(
-            "edge_active_sessions",
-            "Sessions with a publisher or subscriber on this edge",
-            list(labels),
-            namespace=NAMESPACE,
-            registry=registry,
-        ).labels(**labels)
-        self.subscribers = Gauge(
-            "edge_subscribers",
-            "Open vitals subscriptions",
-            list(labels),
-            namespace=NAMESPACE,
-            registry=registry,
-        ).labels(**labels)
-        self.publishers = Gauge(
-            "edge_publishers",
-            "Open device publish streams",
-            list(labels),
-            namespace=NAMESPACE,
-            registry=registry,
-        ).labels(**labels)
+        series = EdgeSeries(registry, edge_id, zone)
+        labels = series.values
+        self.active_sessions = series.gauge(
+            "edge_active_sessions", "Sessions with a publisher or subscriber on this edge"
+        )
+        self.subscribers = series.gauge("edge_subscribers", "Open vitals subscriptions")
+        self.publishers = series.gauge("edge_publishers", "Open device publish streams")
         batches_in = Counter(
             "edge_batches_in_total",
             "Vitals batches received, by result (accepted, duplicate, rejected)",
@@ -122,49 +129,24 @@ class EdgeMetrics:
         self.batches_accepted = batches_in.labels(**labels, result="accepted")
         self.batches_duplicate = batches_in.labels(**labels, result="duplicate")
         self.batches_rejected = batches_in.labels(**labels, result="rejected")
-        self.events_out = Counter(
-            "edge_events_out_total",
-            "Events delivered to subscribers",
-            list(labels),
-            namespace=NAMESPACE,
-            registry=registry,
-        ).labels(**labels)
-        self.fanout_dropped = Counter(
+        self.events_out = series.counter("edge_events_out_total", "Events delivered to subscribers")
+        self.fanout_dropped = series.counter(
             "edge_fanout_dropped_total",
             "Events dropped (oldest first) for subscribers that fell behind",
-            list(labels),
-            namespace=NAMESPACE,
-            registry=registry,
-        ).labels(**labels)
-        self.sample_age = Histogram(
+        )
+        self.sample_age = series.histogram(
             "edge_sample_age_seconds",
             "Age of a batch (edge clock minus device send time) when handed to a subscriber",
-            list(labels),
-            namespace=NAMESPACE,
-            registry=registry,
-            buckets=LATENCY_BUCKETS,
-        ).labels(**labels)
-        self.news2_alerts = Counter(
-            "edge_alerts_total",
-            "Clinical alerts raised (NEWS2 band changes and red parameters)",
-            list(labels),
-            namespace=NAMESPACE,
-            registry=registry,
-        ).labels(**labels)
-        self.heartbeats = Counter(
-            "edge_heartbeats_sent_total",
-            "Load reports sent to the core",
-            list(labels),
-            namespace=NAMESPACE,
-            registry=registry,
-        ).labels(**labels)
-        self.core_connected = Gauge(
-            "edge_core_connected",
-            "1 while the heartbeat stream to the core is up",
-            list(labels),
-            namespace=NAMESPACE,
-            registry=registry,
-        ).labels(**labels)
+        )
+        self.news2_alerts = series.counter(
+            "edge_alerts_total", "Clinical alerts raised (NEWS2 band changes and red parameters)"
+        )
+        self.heartbeats = series.counter(
+            "edge_heartbeats_sent_total", "Load reports sent to the core"
+        )
+        self.core_connected = series.gauge(
+            "edge_core_connected", "1 while the heartbeat stream to the core is up"
+        )
 
 
 class CoreMetrics:
@@ -280,28 +262,17 @@ class MediaMetrics:
     """What an edge's media relay and vision export (telehealth_media_*)."""
 
     def __init__(self, registry: CollectorRegistry, edge_id: str, zone: str) -> None:
-        labels = {"edge": edge_id, "zone": zone}
-        self.active_calls = Gauge(
-            "media_active_calls",
-            "Consultations with a connected patient or clinician on this edge",
-            list(labels),
-            namespace=NAMESPACE,
-            registry=registry,
-        ).labels(**labels)
-        self.peer_connections = Gauge(
-            "media_peer_connections",
-            "Open WebRTC peer connections",
-            list(labels),
-            namespace=NAMESPACE,
-            registry=registry,
-        ).labels(**labels)
-        self.frames_relayed = Counter(
-            "media_frames_relayed_total",
-            "Video frames handed to a peer's encoder",
-            list(labels),
-            namespace=NAMESPACE,
-            registry=registry,
-        ).labels(**labels)
+        series = EdgeSeries(registry, edge_id, zone)
+        labels = series.values
+        self.active_calls = series.gauge(
+            "media_active_calls", "Consultations with a connected patient or clinician on this edge"
+        )
+        self.peer_connections = series.gauge(
+            "media_peer_connections", "Open WebRTC peer connections"
+        )
+        self.frames_relayed = series.counter(
+            "media_frames_relayed_total", "Video frames handed to a peer's encoder"
+        )
         self.frames_dropped = Counter(
             "media_frames_dropped_total",
             "Video frames not forwarded or not decoded, by reason: behind (a viewer, or its "
@@ -333,21 +304,14 @@ class MediaMetrics:
             namespace=NAMESPACE,
             registry=registry,
         )
-        self.vision_latency = Histogram(
+        self.vision_latency = series.histogram(
             "media_vision_latency_seconds",
             "Time from a frame's arrival to its vision result (queueing and analysis)",
-            list(labels),
-            namespace=NAMESPACE,
-            registry=registry,
-            buckets=LATENCY_BUCKETS,
-        ).labels(**labels)
-        self.vision_skipped = Counter(
+        )
+        self.vision_skipped = series.counter(
             "media_vision_skipped_total",
             "Sampled frames not analysed because the vision worker was still busy",
-            list(labels),
-            namespace=NAMESPACE,
-            registry=registry,
-        ).labels(**labels)
+        )
         self._labels = labels
 
     def dropped(self, reason: str) -> Counter:
