@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
 
 COLOURS = {
     "edge": "#d62728",
@@ -53,6 +54,22 @@ def latency_cdf(rows: Sequence[dict[str, Any]], out: Path, title: str) -> Path:
     return out
 
 
+def _ring_p99(
+    ax: Axes, rows: Sequence[dict[str, Any]], marker: str, size: float, colour: str, label: str
+) -> None:
+    """Ring these rows' p99 points on the latency-load plot (nothing when there are none)."""
+    if rows:
+        ax.plot(
+            [r["offered_batches_per_s"] for r in rows],
+            [r["latency_ms"]["p99"] for r in rows],
+            marker,
+            ms=size,
+            mfc="none",
+            color=colour,
+            label=label,
+        )
+
+
 def latency_vs_load(rows: Sequence[dict[str, Any]], out: Path, limit_ms: float = 50.0) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     by_path: dict[str, list[dict[str, Any]]] = {}
@@ -75,27 +92,9 @@ def latency_vs_load(rows: Sequence[dict[str, Any]], out: Path, limit_ms: float =
     # Lower bounds (batches never sent or delivered counted at the time given up on) and
     # generator-bound rows, marked so the curve is not read as exact there.
     lb = [r for r in rows if r.get("latency_lower_bound", {}).get("p99")]
-    if lb:
-        ax.plot(
-            [r["offered_batches_per_s"] for r in lb],
-            [r["latency_ms"]["p99"] for r in lb],
-            "^",
-            ms=11,
-            mfc="none",
-            color="k",
-            label="p99 only a lower bound (≥)",
-        )
+    _ring_p99(ax, lb, "^", 11, "k", "p99 only a lower bound (≥)")
     gb = [r for r in rows if r.get("generator_bound", {}).get("bound")]
-    if gb:
-        ax.plot(
-            [r["offered_batches_per_s"] for r in gb],
-            [r["latency_ms"]["p99"] for r in gb],
-            "s",
-            ms=12,
-            mfc="none",
-            color="#7f7f7f",
-            label="generator-bound",
-        )
+    _ring_p99(ax, gb, "s", 12, "#7f7f7f", "generator-bound")
     ax.axhline(limit_ms, color="k", lw=0.8, ls=":", label=f"{limit_ms:g} ms")
     ax.set_yscale("log")
     ax.set_xlabel("offered batches/s")
