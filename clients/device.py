@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import random
 import re
 import sys
 import time
@@ -19,7 +18,13 @@ import grpc
 from clients.dial import edge_channel
 from clients.simulator import PatientSimulator
 from clients.tlsflags import add_tls_flags, tls_from_flags
-from telehealth.rpc import bearer, install_signal_handlers, secure_channel
+from telehealth.rpc import (
+    bearer,
+    install_signal_handlers,
+    jittered,
+    secure_channel,
+    wait_backoff,
+)
 from telehealth.security.tls import TlsFiles
 from telehealth.telemetry.logging import configure_logging
 from telehealth.v1 import (
@@ -704,12 +709,9 @@ class DeviceAgent:
     async def _wait(self, stop: asyncio.Event, backoff: float, give_up_at: float | None) -> float:
         """Sleep a jittered backoff; return the next one. While stopping, retries are short
         (the flush has its own deadline); otherwise stop cuts the wait."""
-        delay = backoff * (0.5 + random.random())
-        if give_up_at is not None:
-            await asyncio.sleep(min(delay, 0.5, max(0.0, give_up_at - time.monotonic())))
-        else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+        if give_up_at is None:
+            return await wait_backoff(stop, backoff, BACKOFF_CAP_S)
+        await asyncio.sleep(min(jittered(backoff), 0.5, max(0.0, give_up_at - time.monotonic())))
         return min(backoff * 2, BACKOFF_CAP_S)
 
     async def _publish_on(self, first: sessions_pb2.Assignment) -> _Lost | None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
@@ -37,7 +36,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from clients.dial import edge_channel
-from telehealth.rpc import bearer
+from telehealth.rpc import bearer, jittered
 from telehealth.security.tls import TlsFiles
 from telehealth.v1 import (
     archive_pb2,
@@ -306,7 +305,7 @@ class SessionViewer:
                         if self._fatal(e):
                             raise
                         self.stats.core_failures += 1
-                        delay = backoff * (0.5 + random.random())
+                        delay = jittered(backoff)
                         backoff = min(backoff * 2, self._backoff_cap_s)
                         yield Interrupted(
                             f"core unreachable ({e.code().name}: {e.details()})",
@@ -385,7 +384,7 @@ class SessionViewer:
                         unreachable = lost.edge_id  # ask the core to check that edge now
                     reason = "lost"
                     detail = err.details() if err is not None else "stream ended"
-                    delay = 0.0 if backoff <= 0.1 else backoff * (0.5 + random.random())
+                    delay = 0.0 if backoff <= 0.1 else jittered(backoff)
                     yield Interrupted(
                         f"lost edge {lost.edge_id} ({code.name}: {detail}); following",
                         code.name,

@@ -235,7 +235,7 @@ def secure_channel(
 # An edge's heartbeat stream to the core retries at most this far apart (before jitter), so
 # after a core restart every edge is back well within the heartbeat timeout (default 3 s).
 CORE_LINK_BACKOFF_CAP_S = 0.5
-# wait_backoff's jitter stretches a wait to at most this factor of the backoff.
+# jittered() makes a wait between half the backoff and this factor of it.
 BACKOFF_JITTER_MAX = 1.5
 # The longest an edge waits between attempts to reach the core; the core's liveness grace
 # after it starts serving is its heartbeat timeout plus this.
@@ -338,10 +338,14 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+def jittered(backoff: float) -> float:
+    """A wait of 0.5 to BACKOFF_JITTER_MAX times `backoff`, at random: jitter keeps many
+    clients that lost the same peer from retrying in lock step."""
+    return backoff * (BACKOFF_JITTER_MAX - 1.0 + random.random())
+
+
 async def wait_backoff(stop: asyncio.Event, backoff: float, cap: float = 2.0) -> float:
-    """Sleep a jittered `backoff` (or until stop); return the next, doubled up to `cap`.
-    Jitter keeps many clients that lost the same peer from retrying in lock step; a wait is
-    at most BACKOFF_JITTER_MAX times the backoff."""
+    """Sleep a jittered `backoff` (or until stop); return the next, doubled up to `cap`."""
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), backoff * (BACKOFF_JITTER_MAX - 1.0 + random.random()))
+        await asyncio.wait_for(stop.wait(), jittered(backoff))
     return min(backoff * 2, cap)
