@@ -16,12 +16,23 @@ from fhir.resources.R4B.bundle import Bundle
 
 from clients import ctl
 from core_services.server import CoreServer
-from telehealth.rpc import bearer
 from telehealth.v1 import archive_pb2, archive_pb2_grpc, vitals_pb2_grpc
 from tests.conftest import EdgeFactory, eventually, staff
-from tests.integration.test_vitals_path import make_batch, open_session, requests
+from tests.integration.test_vitals_path import make_batch, open_session, publish_all
 
 ChannelTo = Callable[[str], grpc.aio.Channel]
+
+
+async def until_archived(
+    archive: archive_pb2_grpc.ArchiveServiceAsyncStub, sid: str, last: int
+) -> None:
+    """Poll the archive until the session is durable up to seq `last`."""
+
+    async def all_archived() -> bool:
+        r = await archive.GetWatermark(archive_pb2.GetWatermarkRequest(session_id=sid))
+        return r.watermark.archived_seq == last
+
+    await eventually(all_archived, what=f"all {last} archived")
 
 
 async def test_every_batch_archived_once_and_exported_as_fhir(
@@ -35,15 +46,10 @@ async def test_every_batch_archived_once_and_exported_as_fhir(
     batches = [make_batch(sid, i, hr=60 + i) for i in range(1, 41)]
     # Sent twice, on two streams: the second time every one is a duplicate.
     for _ in range(2):
-        acks = [r async for r in stub.Publish(requests(batches), metadata=bearer(token))]
+        acks = await publish_all(stub, batches, token)
         assert acks[-1].received_seq == 40
     archive = archive_pb2_grpc.ArchiveServiceStub(channel_to(core.address))
-
-    async def all_archived() -> bool:
-        r = await archive.GetWatermark(archive_pb2.GetWatermarkRequest(session_id=sid))
-        return r.watermark.archived_seq == 40
-
-    await eventually(all_archived, what="all 40 archived")
+    await until_archived(archive, sid, 40)
     counted = await archive.GetWatermark(archive_pb2.GetWatermarkRequest(session_id=sid))
     assert counted.archived_batches == 40
     # The edge learns the durable watermark and passes it on to the device.
@@ -140,17 +146,10 @@ async def test_long_record_exports_in_pages_joined_into_one_bundle(
     sid = opened.session.session_id
     stub = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
     batches = [make_batch(sid, i, hr=50 + i % 90) for i in range(1, 121)]
-    acks = [
-        r async for r in stub.Publish(requests(batches), metadata=bearer(opened.assignment.token))
-    ]
+    acks = await publish_all(stub, batches, opened.assignment.token)
     assert acks[-1].received_seq == 120
     archive = archive_pb2_grpc.ArchiveServiceStub(channel_to(core.address))
-
-    async def all_archived() -> bool:
-        r = await archive.GetWatermark(archive_pb2.GetWatermarkRequest(session_id=sid))
-        return r.watermark.archived_seq == 120
-
-    await eventually(all_archived, what="all 120 archived")
+    await until_archived(archive, sid, 120)
     clinician = await staff(core, "clinician", patients=("p-long",))
     pages = [
         p
@@ -209,17 +208,10 @@ async def test_query_and_export_by_time_window(
         b.waveforms[0].start_time_unix_ns = t
         batches.append(b)
     stub = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
-    acks = [
-        r async for r in stub.Publish(requests(batches), metadata=bearer(opened.assignment.token))
-    ]
+    acks = await publish_all(stub, batches, opened.assignment.token)
     assert acks[-1].received_seq == 10
     archive = archive_pb2_grpc.ArchiveServiceStub(channel_to(core.address))
-
-    async def all_archived() -> bool:
-        r = await archive.GetWatermark(archive_pb2.GetWatermarkRequest(session_id=sid))
-        return r.watermark.archived_seq == 10
-
-    await eventually(all_archived, what="all 10 archived")
+    await until_archived(archive, sid, 10)
     clinician = await staff(core, "clinician", patients=("p-window",))
     # [from, to): readings at t0+3 s up to, not including, t0+7 s.
     since, until = t0 + 3 * 10**9, t0 + 7 * 10**9
