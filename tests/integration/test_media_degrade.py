@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import grpc
 
-from clients.video import AdaptiveVideoTrack
+from clients.video import AdaptiveVideoTrack, MediaCall
 from core_services.server import CoreServer
 from edge_nodes.server import EdgeServer
 from telehealth.rpc import bearer
@@ -24,6 +25,7 @@ from tests.conftest import EdgeFactory, eventually
 from tests.integration.test_media_audit import publish
 from tests.integration.test_media_call import (
     LossyUplink,
+    Session,
     clinician_call,
     live_peer_connections,
     open_session,
@@ -55,6 +57,27 @@ async def follow_states(
     ):
         if ev.HasField("state"):
             yield ev.state
+
+
+@asynccontextmanager
+async def two_consultations(
+    core: CoreServer, edge: EdgeServer, channel_to: ChannelTo, patients: tuple[str, str]
+) -> AsyncIterator[tuple[Session, Session, list[MediaCall]]]:
+    """An older and a newer consultation on the edge, each with its patient and a clinician
+    connected (calls: patient, clinician of the first, then of the second). Everyone hangs
+    up at the end, and the edge's peer connections close."""
+    first = await open_session(core, channel_to, patients[0])
+    second = await open_session(core, channel_to, patients[1])
+    calls = [patient_call(edge, first), clinician_call(edge, first)]
+    calls += [patient_call(edge, second), clinician_call(edge, second)]
+    try:
+        for c in calls:
+            await c.start()
+        yield first, second, calls
+    finally:
+        for c in calls:
+            await c.hangup()
+    await eventually(lambda: edge.media.calls.peer_count == 0, 10, "peers closed")
 
 
 async def test_a_lossy_uplink_steps_down_to_audio_only_and_back_up_on_evidence(
@@ -129,13 +152,8 @@ async def test_a_busy_edge_has_the_low_risk_patient_send_less_and_keeps_passing_
     edge: EdgeServer = await edge_factory(
         media_udp_port_min=41640, media_udp_port_max=41671, media_pixel_budget=320 * 240 * 20
     )
-    first = await open_session(core, channel_to, "p-first")
-    second = await open_session(core, channel_to, "p-second")
-    calls = [patient_call(edge, first), clinician_call(edge, first)]
-    calls += [patient_call(edge, second), clinician_call(edge, second)]
-    try:
-        for c in calls:
-            await c.start()
+    consultations = two_consultations(core, edge, channel_to, ("p-first", "p-second"))
+    async with consultations as (first, second, calls):
         older, newer = (edge.media.calls.calls[x.session_id] for x in (first, second))
         # The older call keeps full quality; the newer one's patient is asked to send less.
         await eventually(lambda: newer.send_mode.name == "REDUCED", 20, "newer call reduced")
@@ -161,10 +179,6 @@ async def test_a_busy_edge_has_the_low_risk_patient_send_less_and_keeps_passing_
         state = newer.state()
         assert state.priority_band == 4 and state.send_mode == FULL
         assert "by clinical priority" in older.state().reason
-    finally:
-        for c in calls:
-            await c.hangup()
-    await eventually(lambda: edge.media.calls.peer_count == 0, 10, "peers closed")
     assert live_peer_connections() == 0
 
 
@@ -175,13 +189,8 @@ async def test_measured_cpu_pressure_has_the_newer_patient_send_less(
     edge: EdgeServer = await edge_factory(
         media_udp_port_min=41680, media_udp_port_max=41711, media_cpu_limit=0.001
     )
-    first = await open_session(core, channel_to, "p-cpu-first")
-    second = await open_session(core, channel_to, "p-cpu-second")
-    calls = [patient_call(edge, first), clinician_call(edge, first)]
-    calls += [patient_call(edge, second), clinician_call(edge, second)]
-    try:
-        for c in calls:
-            await c.start()
+    consultations = two_consultations(core, edge, channel_to, ("p-cpu-first", "p-cpu-second"))
+    async with consultations as (first, second, _):
         older, newer = (edge.media.calls.calls[x.session_id] for x in (first, second))
         await eventually(lambda: newer.send_mode.name == "REDUCED", 30, "newer call reduced")
         assert older.send_mode.name == "FULL"
@@ -192,7 +201,3 @@ async def test_measured_cpu_pressure_has_the_newer_patient_send_less(
         await eventually(
             lambda: viewer.outgoing["video"].passed_through > through + 10, 20, "passed through"
         )
-    finally:
-        for c in calls:
-            await c.hangup()
-    await eventually(lambda: edge.media.calls.peer_count == 0, 10, "peers closed")
