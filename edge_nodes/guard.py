@@ -194,6 +194,25 @@ class AuditTrail:
             self.metrics.audit_pending.set(self._pending)
         return True
 
+    def record_refusal(
+        self, who: SessionClaims | None, action: str, session_id: str, peer: str
+    ) -> None:
+        """A refused read: under the subject of `who` (claims whose signature is ours, even if
+        wrong for this read), else as unauthenticated. Best effort: the refusal goes out
+        whether or not it could be recorded."""
+        subject = (
+            "unauthenticated" if who is None else who.subject_id or f"session:{who.session_id}"
+        )
+        with contextlib.suppress(Unavailable):
+            self.record(
+                subject=subject,
+                role=who.role if who is not None else "",
+                action=action,
+                session_id=session_id,
+                peer=peer,
+                outcome="denied",
+            )
+
     def batch(self, limit: int = AUDIT_BATCH) -> list[audit_pb2.AuditRecord]:
         out = []
         for seq, raw in self._db.execute(
@@ -364,18 +383,7 @@ class EdgeGuard(grpc.aio.ServerInterceptor):
         """Record a refused read: under the verified subject when the token is genuine (wrong
         session, role or edge, expired, over the cap), else as unauthenticated."""
         who = claims or self._verifier.identify(token_from(context.invocation_metadata()))
-        subject = (
-            "unauthenticated" if who is None else who.subject_id or f"session:{who.session_id}"
-        )
-        with contextlib.suppress(Unavailable):
-            self.audit.record(
-                subject=subject,
-                role=who.role if who is not None else "",
-                action="vitals.subscribe",
-                session_id=session_id,
-                peer=context.peer() or "",
-                outcome="denied",
-            )
+        self.audit.record_refusal(who, "vitals.subscribe", session_id, context.peer() or "")
 
     async def intercept_service(
         self,

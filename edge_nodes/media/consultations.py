@@ -152,19 +152,7 @@ class Consultations:
 
     def audit_refusal(self, token: str | None, session_id: str, action: str, peer: str) -> None:
         """A refused read, under the subject of the token only when its signature is ours."""
-        who = self._verifier.identify(token)
-        subject = (
-            "unauthenticated" if who is None else who.subject_id or f"session:{who.session_id}"
-        )
-        with contextlib.suppress(Unavailable):
-            self.audit.record(
-                subject=subject,
-                role=who.role if who is not None else "",
-                action=action,
-                session_id=session_id,
-                peer=peer,
-                outcome="denied",
-            )
+        self.audit.record_refusal(self._verifier.identify(token), action, session_id, peer)
 
     # -- lifecycle ----------------------------------------------------------------------
 
