@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,15 +55,21 @@ class TlsFiles:
 
     def stamp(self) -> tuple[tuple[int, int], ...]:
         """What changes when any file is renewed (mtime and size), cheap to compare."""
-        out = []
-        for p in (self.cert, self.key, self.ca):
-            try:
-                st = os.stat(p)
-            except OSError:
-                out.append((0, 0))
-            else:
-                out.append((st.st_mtime_ns, st.st_size))
-        return tuple(out)
+        return files_stamp((self.cert, self.key, self.ca))
+
+
+def files_stamp(paths: Iterable[Path]) -> tuple[tuple[int, int], ...]:
+    """(mtime, size) of each file, (0, 0) for one missing: what a renewal changes, cheap to
+    compare (pki's writers make sure a same-size rewrite changes the mtime)."""
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            out.append((0, 0))
+        else:
+            out.append((st.st_mtime_ns, st.st_size))
+    return tuple(out)
 
 
 def _server_config(files: TlsFiles) -> Any:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import ssl
 from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from telehealth.security.tls import files_stamp
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +38,6 @@ def metrics_app(registry: CollectorRegistry, healthy: Callable[[], bool]) -> web
     return app
 
 
-def _stamp(paths: tuple[Path, Path]) -> tuple[tuple[int, int], ...]:
-    out = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-        except OSError:
-            out.append((0, 0))
-        else:
-            out.append((st.st_mtime_ns, st.st_size))
-    return tuple(out)
-
-
 class ReloadingSslContext:
     """A server SSLContext whose certificate is replaced in place when its files change: the
     listening socket keeps the same context object, and each new handshake uses whatever
@@ -58,12 +47,12 @@ class ReloadingSslContext:
         self.files = (cert, key)
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
-        self._stamp = _stamp(self.files)
+        self._stamp = files_stamp(self.files)
         self.context.load_cert_chain(cert, key)
         self.reloads = 0
 
     def reload_if_changed(self) -> bool:
-        stamp = _stamp(self.files)
+        stamp = files_stamp(self.files)
         if stamp == self._stamp:
             return False
         try:
