@@ -327,6 +327,17 @@ async def opened_since(mesh: LocalMesh, since_ns: int, want: int, timeout: float
         await store.close()
 
 
+def _tls_exports(tls: TlsFiles | None) -> list[str]:
+    """The shell lines that give telehealth-ctl this certificate (none with TLS off)."""
+    if tls is None:
+        return []
+    return [
+        f"  export TELEHEALTH_TLS_CERT_FILE={tls.cert}",
+        f"  export TELEHEALTH_TLS_KEY_FILE={tls.key}",
+        f"  export TELEHEALTH_TLS_CA_FILE={tls.ca}",
+    ]
+
+
 def _summary(mesh: LocalMesh, patients: int, sessions: Sequence[Session] = ()) -> str:
     """What runs where, then commands that work as printed (TLS, login first), in order."""
     from clients.demo_users import CLINICIAN, OPERATOR
@@ -352,13 +363,7 @@ def _summary(mesh: LocalMesh, patients: int, sessions: Sequence[Session] = ()) -
     ]
     if sys.prefix != sys.base_prefix:
         lines.append(f"  . {Path(sys.prefix) / 'bin' / 'activate'}")
-    tls = mesh.client_tls("clinician")
-    if tls is not None:
-        lines += [
-            f"  export TELEHEALTH_TLS_CERT_FILE={tls.cert}",
-            f"  export TELEHEALTH_TLS_KEY_FILE={tls.key}",
-            f"  export TELEHEALTH_TLS_CA_FILE={tls.ca}",
-        ]
+    lines += _tls_exports(mesh.client_tls("clinician"))
     password = mesh.data_dir / "demo-password"
     ctl = f"telehealth-ctl --core {core}"
     lines += [
@@ -375,13 +380,7 @@ def _summary(mesh: LocalMesh, patients: int, sessions: Sequence[Session] = ()) -
         lines.append(f"  {ctl} watch SESSION")
         lines.append("    (SESSION: one of the ids `sessions` lists)")
     lines.append("As the operator (edges and drain; operators see no vitals):")
-    op_tls = mesh.client_tls("operator")
-    if op_tls is not None:
-        lines += [
-            f"  export TELEHEALTH_TLS_CERT_FILE={op_tls.cert}",
-            f"  export TELEHEALTH_TLS_KEY_FILE={op_tls.key}",
-            f"  export TELEHEALTH_TLS_CA_FILE={op_tls.ca}",
-        ]
+    lines += _tls_exports(mesh.client_tls("operator"))
     lines += [
         f"  {ctl} login {OPERATOR} --password-stdin < {password}",
         f"  {ctl} edges",
