@@ -344,19 +344,20 @@ class WatchView:
             when = f"age {age(measured, now_ns)}" if measured else ""
             return f"  {label:<15}{text:>14}   {when}".rstrip()
 
+        def enum_row(label: str, name: str) -> str:
+            got = r.get(name)
+            return row(
+                label,
+                _enum_label(name, int(got.value)) if got else "-",
+                got.measured_unix_ns if got else None,
+            )
+
         for name, label, fmt, unit in NUMERIC_FIELDS:
             got = r.get(name)
             text = f"{format(got.value, fmt)} {unit}" if got else "-"
             lines.append(row(label, text, got.measured_unix_ns if got else None))
             if name == "spo2_percent":
-                o2 = r.get("oxygen_support")
-                lines.append(
-                    row(
-                        "oxygen",
-                        _enum_label("oxygen_support", int(o2.value)) if o2 else "-",
-                        o2.measured_unix_ns if o2 else None,
-                    )
-                )
+                lines.append(enum_row("oxygen", "oxygen_support"))
             if name == "respiration_rate_bpm":
                 sbp, dbp = r.get("systolic_mmhg"), r.get("diastolic_mmhg")
                 bp = f"{sbp.value:.0f}" if sbp else "-"
@@ -364,14 +365,7 @@ class WatchView:
                 # The pair is as old as its older half.
                 times = [x.measured_unix_ns for x in (sbp, dbp) if x is not None]
                 lines.append(row("blood pressure", f"{bp} mmHg", min(times) if times else None))
-        c = r.get("consciousness")
-        lines.append(
-            row(
-                "consciousness",
-                _enum_label("consciousness", int(c.value)) if c else "-",
-                c.measured_unix_ns if c else None,
-            )
-        )
+        lines.append(enum_row("consciousness", "consciousness"))
         if self.derived is not None:
             d = self.derived
             lines.append(
