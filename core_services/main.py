@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from core_services.server import CoreServer
 from telehealth.config import CoreSettings, parse_settings
 from telehealth.rpc import install_signal_handlers
+from telehealth.runtime import settle_heap
 from telehealth.telemetry.logging import configure_logging
 
 
@@ -16,6 +17,7 @@ async def serve(settings: CoreSettings) -> None:
     install_signal_handlers(stop)
     core = CoreServer(settings)
     await core.start()
+    settle_heap()
     try:
         await stop.wait()
     finally:

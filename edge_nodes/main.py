@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from edge_nodes.server import EdgeServer
 from telehealth.config import EdgeSettings, parse_settings
 from telehealth.rpc import install_signal_handlers
+from telehealth.runtime import settle_heap
 from telehealth.telemetry.logging import configure_logging
 
 
@@ -17,6 +18,7 @@ async def serve(settings: EdgeSettings) -> None:
     edge = EdgeServer(settings)
     # Readiness follows the core link; the process itself keeps running while the core is away.
     await edge.start(wait_for_core=None)
+    settle_heap()
     try:
         await stop.wait()
     finally:

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from telehealth.rpc import server_options
+from telehealth.runtime import settle_heap
 
 SERVICE = "telehealth.loadtest.EchoService"
 PUBLISH = f"/{SERVICE}/Publish"
@@ -104,6 +105,7 @@ async def serve(listen: str) -> None:
     server.add_generic_rpc_handlers((handler(EchoRelay()),))
     port = server.add_insecure_port(listen)
     await server.start()
+    settle_heap()  # as the core and edge do: the baseline runs with the same collector settings
     host = listen.rsplit(":", 1)[0]
     print(f"LISTENING {host}:{port}", flush=True)
     stop = asyncio.Event()
