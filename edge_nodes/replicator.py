@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 
 APPEND = "/telehealth.v1.ArchiveService/Append"
 CHUNK = 512
-LINGER_S = 0.02
+# How long commits gather before one append. Measured at 100 patients x 25 batches/s: 20 ms
+# (about 50 appends of ~50 batches a second) cost the core 21% of a CPU, 100 ms 14%, for
+# the same rows; the device keeps its batches ~80 ms longer, nothing on the live path waits.
+LINGER_S = 0.1
 # Requests in flight before waiting for the archive to catch up.
 WINDOW = 8
 
