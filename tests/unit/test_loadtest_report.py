@@ -140,7 +140,8 @@ def _bench_rows() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 def test_bench_figures_and_goals() -> None:
     rows, ramp_rows = _bench_rows()
     placement = {"edges": 1000, "live_sessions": 100_000,
-                 "latency_ms": {"p50": 1.0, "p99": 2.0, "p999": 3.0, "max": 4.0}}  # fmt: skip
+                 "latency_ms": {"p50": 1.0, "p99": 2.0, "p999": 3.0, "max": 4.0},
+                 "server": {"decision": {"count": 501, "p50_le_us": 10.0, "p99_le_us": 2500.0}}}  # fmt: skip
     figs, goals = figures_and_goals(rows, ramp_rows, placement)
     # Neither path saturated at equal load: the ratio is 1 and says nothing about capacity.
     eq = figs["issue2"]["100_patients"]["edge_to_echo_throughput_ratio"]
@@ -157,7 +158,9 @@ def test_bench_figures_and_goals() -> None:
     assert by_name["edge p99 at 100 patients"].met is True
     assert by_name["edge delivered/s as share of echo (100 patients)"].met is None
     assert by_name["edge max sustainable as share of echo's"].met is False
-    assert by_name["Open p99, 1,000 edges + 100,000 live sessions"].met is False  # 2 ms >= 1 ms
+    # The goal is the decision's (2.5 ms bucket bound >= 1 ms); the whole Open is reported only.
+    assert by_name["placement decision p99, 1,000 edges + 100,000 live sessions"].met is False
+    assert by_name["Open RPC p99 (gRPC + placement + store commit), same state"].met is None
     assert max_sustainable([], "edge")["batches_per_s"] == 0.0
 
 
