@@ -381,6 +381,7 @@ class _GrpcSwarm(Swarm):
         self.publish_calls: dict[int, Any] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.acks = 0
+        self.renewals = 0  # tokens renewed during the run (publishers and viewers)
 
     def _pool(self, address: str) -> None:
         import grpc
@@ -398,8 +399,15 @@ class _GrpcSwarm(Swarm):
     def publish_metadata(self, p: Patient) -> tuple[tuple[str, str], ...]:
         raise NotImplementedError
 
-    def subscribe_request(self, p: Patient) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+    def subscribe_request(
+        self, p: Patient, resume_after: int = 0
+    ) -> tuple[bytes, tuple[tuple[str, str], ...]]:
         raise NotImplementedError
+
+    async def renew_viewer(self, p: Patient) -> bool:
+        """A fresh viewer token for p after the edge ended a view whose token expired;
+        False where the peer has no tokens (the view is then over)."""
+        return False
 
     def seq_of(self, raw: bytes) -> tuple[int, int]:
         """(seq of the batch or 0, events the server said it dropped)."""
@@ -427,24 +435,42 @@ class _GrpcSwarm(Swarm):
             if not p.watched:
                 continue
             for v in range(self.spec.viewers):
-                req, md = self.subscribe_request(p)
-                call = self.channel_for(p).unary_stream(
-                    self.subscribe_method, request_serializer=None, response_deserializer=None
-                )(req, metadata=md)
-                self.tasks.append(asyncio.create_task(self._read_subscription(p, v, call)))
+                self.tasks.append(asyncio.create_task(self._read_subscription(p, v)))
 
-    async def _read_subscription(self, p: Patient, viewer: int, call: Any) -> None:
+    def _subscribe(self, p: Patient, resume_after: int) -> Any:
+        req, md = self.subscribe_request(p, resume_after)
+        return self.channel_for(p).unary_stream(
+            self.subscribe_method, request_serializer=None, response_deserializer=None
+        )(req, metadata=md)
+
+    async def _read_subscription(self, p: Patient, viewer: int) -> None:
+        import grpc
+
         clock = time.perf_counter_ns
-        try:
-            async for raw in call:
-                now = clock()
-                seq, dropped = self.seq_of(raw)
-                if dropped:
-                    self.drops += dropped
-                if seq:
-                    self.deliver(p.index, viewer, seq, now)
-        except Exception as e:
-            self.note_error("subscribe", e)
+        last = 0
+        call = self._subscribe(p, 0)
+        while True:
+            try:
+                async for raw in call:
+                    now = clock()
+                    seq, dropped = self.seq_of(raw)
+                    if dropped:
+                        self.drops += dropped
+                    if seq:
+                        last = max(last, seq)
+                        self.deliver(p.index, viewer, seq, now)
+                return
+            except grpc.aio.AioRpcError as e:
+                # The view's token expired (a long run): attach again and resume after the
+                # last seq seen, as a clinician's viewer does; the edge replays the rest.
+                if e.code() != grpc.StatusCode.UNAUTHENTICATED or not await self.renew_viewer(p):
+                    self.note_error("subscribe", e)
+                    return
+                self.renewals += 1
+                call = self._subscribe(p, last)
+            except Exception as e:
+                self.note_error("subscribe", e)
+                return
 
     async def send(self, p: Patient, data: bytes) -> None:
         from loadtest.payload import wrap_publish
@@ -477,6 +503,7 @@ class EdgeSwarm(_GrpcSwarm):
         self.viewer_tokens = ""
         self._issuer: Any = None
         self.edge_address = ""
+        self.opened: dict[int, Any] = {}  # patient index -> OpenSessionResponse
 
     async def setup(self) -> None:
         import grpc
@@ -497,6 +524,7 @@ class EdgeSwarm(_GrpcSwarm):
                 timeout=30,
             )
             p = self.new_patient(i, r.session.session_id, publisher_token=r.assignment.token)
+            self.opened[i] = r
             edge_addresses.add(r.assignment.edge_address)
             # Video calls need a clinician's token too, watched for vitals or not.
             if i < max(self.spec.watched, self.spec.video_calls):
@@ -516,6 +544,7 @@ class EdgeSwarm(_GrpcSwarm):
         self.edge_address = sorted(edge_addresses)[0]
         self._pool(self.edge_address)
         self.stub = stub
+        self.tasks.append(asyncio.create_task(self.renew_publishers()))
 
     async def _viewer_token(self, stub: Any, opened: Any) -> str:
         """A viewer token from Attach; when the core wants a clinician login (which has no
@@ -562,12 +591,71 @@ class EdgeSwarm(_GrpcSwarm):
 
         return bearer(p.publisher_token)
 
-    def subscribe_request(self, p: Patient) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+    def subscribe_request(
+        self, p: Patient, resume_after: int = 0
+    ) -> tuple[bytes, tuple[tuple[str, str], ...]]:
         from telehealth.rpc import bearer
         from telehealth.v1 import vitals_pb2
 
-        req = vitals_pb2.SubscribeVitalsRequest(session_id=p.session_id).SerializeToString()
+        req = vitals_pb2.SubscribeVitalsRequest(
+            session_id=p.session_id, resume_after_seq=resume_after
+        ).SerializeToString()
         return req, bearer(p.viewer_token)
+
+    async def renew_viewer(self, p: Patient) -> bool:
+        p.viewer_token = await self._viewer_token(self.stub, self.opened[p.index])
+        return True
+
+    async def send(self, p: Patient, data: bytes) -> None:
+        from loadtest.payload import wrap_publish
+        from telehealth.v1 import vitals_pb2
+
+        msg = wrap_publish(data)
+        if p.refresh_token:
+            # Encoded messages concatenate as a merge: this adds refresh_token to the request.
+            msg += vitals_pb2.PublishVitalsRequest(
+                refresh_token=p.refresh_token
+            ).SerializeToString()
+            p.refresh_token = ""
+        await self.publish_calls[p.index].write(msg)
+
+    async def renew_publishers(self) -> None:
+        """Publisher tokens last token_ttl_s (15 min by default): before a third of that is
+        left, each patient attaches again and sends the new token in-band with its next
+        batch, as the device agent does, so a soak longer than a token runs on."""
+        import grpc
+        import jwt
+
+        from telehealth.rpc import bearer
+        from telehealth.v1 import sessions_pb2
+
+        def expiry(token: str) -> tuple[float, float]:
+            c = jwt.decode(token, options={"verify_signature": False})
+            return float(c["iat"]), float(c["exp"])
+
+        while True:
+            due = []
+            for p in self.patients:
+                iat, exp = expiry(p.publisher_token)
+                due.append((exp - (exp - iat) / 3, p))
+            first = min(t for t, _ in due)
+            await asyncio.sleep(max(1.0, first - time.time()))
+            for t, p in due:
+                if t > time.time():
+                    continue
+                try:
+                    a = await self.stub.Attach(
+                        sessions_pb2.AttachSessionRequest(
+                            session_id=p.session_id, role=sessions_pb2.ROLE_PUBLISHER
+                        ),
+                        metadata=bearer(p.publisher_token),
+                        timeout=10,
+                    )
+                except grpc.aio.AioRpcError as e:
+                    self.note_error("token renewal", e)
+                    continue
+                p.publisher_token = p.refresh_token = a.assignment.token
+                self.renewals += 1
 
     def seq_of(self, raw: bytes) -> tuple[int, int]:
         from telehealth.v1 import vitals_pb2
@@ -663,7 +751,9 @@ class EchoSwarm(_GrpcSwarm):
 
         return ((SESSION_HEADER, p.session_id),)
 
-    def subscribe_request(self, p: Patient) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+    def subscribe_request(
+        self, p: Patient, resume_after: int = 0
+    ) -> tuple[bytes, tuple[tuple[str, str], ...]]:
         return p.session_id.encode(), ()
 
     def seq_of(self, raw: bytes) -> tuple[int, int]:
@@ -1186,6 +1276,7 @@ async def run(spec: GeneratorSpec) -> dict[str, Any]:
         "deliveries_after_drain": swarm.after_drain,
         "stream_errors": swarm.errors,
         "viewer_tokens": getattr(swarm, "viewer_tokens", ""),
+        "token_renewals": getattr(swarm, "renewals", 0),
         "steps": results,
         # RSS of every process over the whole run (setup, steps, settling between them).
         "memory_growth": memory_growth(rss, skip_s=setup_s + first_ramp),

@@ -310,6 +310,8 @@ class Patient:
     t0_unix_ns: int = 0
     publisher_token: str = ""
     viewer_token: str = ""
+    # A renewed publisher token not yet sent in-band on the open stream.
+    refresh_token: str = ""
     watched: bool = False
     segments: list[Segment] = field(default_factory=list)
     # Per viewer: which seqs arrived (to tell duplicates from deliveries, and find losses).
