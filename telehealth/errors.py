@@ -18,6 +18,21 @@ class ErrorCode(Enum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
 
 
+# The HTTP side (console, archive, edge pages) answers each code with one status.
+HTTP_STATUS = {
+    ErrorCode.INVALID_ARGUMENT: 400,
+    ErrorCode.OUT_OF_RANGE: 400,
+    ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.PERMISSION_DENIED: 403,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.ALREADY_EXISTS: 409,
+    ErrorCode.FAILED_PRECONDITION: 409,
+    ErrorCode.RESOURCE_EXHAUSTED: 429,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.DEADLINE_EXCEEDED: 504,
+}
+
+
 class DomainError(Exception):
     """An expected failure with a message that says what was wrong and what is allowed."""
 

@@ -19,8 +19,8 @@ from core_services.edges.registry import EdgeRegistry
 from core_services.sessions.directory import SessionDirectory
 from core_services.sessions.domain import LiveReport, Session, SessionState
 from telehealth.errors import (
+    HTTP_STATUS,
     DomainError,
-    ErrorCode,
     InvalidArgument,
     PermissionDenied,
     Unavailable,
@@ -28,15 +28,6 @@ from telehealth.errors import (
 from telehealth.security.tokens import UserClaims
 
 STATIC = Path(__file__).parent / "static"
-HTTP_STATUS = {
-    ErrorCode.INVALID_ARGUMENT: 400,
-    ErrorCode.NOT_FOUND: 404,
-    ErrorCode.UNAUTHENTICATED: 401,
-    ErrorCode.PERMISSION_DENIED: 403,
-    ErrorCode.UNAVAILABLE: 503,
-    ErrorCode.FAILED_PRECONDITION: 409,
-    ErrorCode.RESOURCE_EXHAUSTED: 429,
-}
 # /api/v1/join answers the patient page from an edge's origin; the token is in the body.
 CORS = {"Access-Control-Allow-Origin": "*"}
 

@@ -23,22 +23,11 @@ from edge_nodes.vitals.fanout import Subscriber, SubscriberClosed
 from edge_nodes.vitals.pipeline import Event, SessionChannel
 from edge_nodes.vitals.servicer import VitalsServicer
 from edge_nodes.vitals.sessions import EdgeSessions
-from telehealth.errors import DomainError, ErrorCode, InvalidArgument
+from telehealth.errors import HTTP_STATUS, DomainError, InvalidArgument
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-HTTP_STATUS = {
-    ErrorCode.INVALID_ARGUMENT: 400,
-    ErrorCode.OUT_OF_RANGE: 400,
-    ErrorCode.UNAUTHENTICATED: 401,
-    ErrorCode.PERMISSION_DENIED: 403,
-    ErrorCode.NOT_FOUND: 404,
-    ErrorCode.ALREADY_EXISTS: 409,
-    ErrorCode.FAILED_PRECONDITION: 409,
-    ErrorCode.RESOURCE_EXHAUSTED: 429,
-    ErrorCode.UNAVAILABLE: 503,
-}
 # WebSocket close codes in the private range, mirroring the HTTP status (4000 + status).
 WS_AUTH_TIMEOUT_S = 5.0
 # Tokens are bearer credentials, never cookies, so any origin (the core's console) may call.
