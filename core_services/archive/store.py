@@ -160,6 +160,23 @@ class ArchiveStore:
             rows = (await conn.execute(q)).all()
         return [_row(r) for r in rows]
 
+    async def session_range(
+        self, session_id: str, after_seq: int, through_seq: int, limit: int
+    ) -> list[StoredBatch]:
+        """A session's batches after_seq < seq <= through_seq in seq order, tombstones left
+        out: what a live view missed, by the primary key (no scan by time)."""
+        t = archived_batches.c
+        q = (
+            select(archived_batches)
+            .where(t.session_id == session_id, t.seq > after_seq, t.seq <= through_seq)
+            .where(t.rejected.is_(False))
+            .order_by(t.seq)
+            .limit(limit)
+        )
+        async with self._store.engine.connect() as conn:
+            rows = (await conn.execute(q)).all()
+        return [_row(r) for r in rows]
+
 
 def _row(r: Any) -> StoredBatch:
     return StoredBatch(

@@ -8,6 +8,7 @@ docs/screenshots/ for the README.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -351,3 +352,71 @@ async def test_a_moved_session_brings_the_patient_page_and_the_console_along(
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
+
+
+async def test_the_console_fills_a_hole_in_its_view_from_the_archive(
+    core: CoreServer, device: DeviceAgent, tmp_path: Path
+) -> None:
+    """The edge's view can have holes (a move to an edge that does not hold what came before,
+    a view that fell behind): the console reads those readings from the core's archive, so
+    the trends have no gap. Here the link between browser and edge loses every batch for a
+    while (Playwright sits on the WebSocket); afterwards the console has filled exactly the
+    batches it lost, in order, and the read is in the audit log."""
+    sid = device.session_id
+    assert sid
+    lost: list[int] = []
+    losing = {"on": False}
+
+    def lossy(ws: Any) -> None:
+        server = ws.connect_to_server()
+
+        def down(message: str | bytes) -> None:
+            if losing["on"] and isinstance(message, str):
+                msg = json.loads(message)
+                if msg.get("type") == "batch":
+                    lost.append(int(msg["batch"]["seq"]))
+                    return
+            ws.send(message)
+
+        server.on_message(down)
+
+    async with playwright_api.async_playwright() as pw:
+        clinician = await launch(pw, tmp_path, "clinician", [])
+        try:
+            console = await clinician.new_page()
+            await console.route_web_socket("**/media/ws", lossy)
+            await sign_in(console, core, CLINICIAN)
+            # The ward row: the page has settled (sign-in's redirects are over).
+            await console.wait_for_selector(f'tr[data-session="{sid}"]', timeout=20_000)
+            seen = f"window.telehealth.patients.get('{sid}')"
+            await eventually(
+                lambda: console.evaluate(f"!!{seen} && {seen}.lastSeq > 10"),
+                30,
+                "live view",
+            )
+            losing["on"] = True
+            await eventually(lambda: len(lost) >= 60, 30, "batches lost on the way")
+            losing["on"] = False
+            await eventually(
+                lambda: console.evaluate(f"{seen}.lastSeq > {max(lost)}"), 20, "live again"
+            )
+            await eventually(
+                lambda: console.evaluate(f"(window.telehealth.filled || 0) >= {len(lost)}"),
+                30,
+                "the hole filled from the archive",
+            )
+            assert await console.evaluate("window.telehealth.filled") == len(lost)
+            assert lost == list(range(lost[0], lost[-1] + 1))
+            # The filled readings sit inside the trend, in time order.
+            assert await console.evaluate(
+                f"{seen}.trends.hr.every((x, i, a) => i === 0 || a[i - 1][0] <= x[0])"
+            )
+            assert not await console.evaluate("window.telehealth.unfilled")
+        finally:
+            await clinician.close()
+    reads = {
+        (e.event.subject, e.event.outcome)
+        async for e in core.security.audit.entries()
+        if e.event.action == "archive.query" and e.event.session_id == sid
+    }
+    assert reads == {(CLINICIAN, "allowed")}

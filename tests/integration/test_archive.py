@@ -10,11 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
 from clients import ctl
+from core_services.archive import http as archive_http
 from core_services.server import CoreServer
 from telehealth.v1 import archive_pb2, archive_pb2_grpc, vitals_pb2_grpc
 from tests.conftest import EdgeFactory, eventually, staff
@@ -103,6 +105,73 @@ async def test_every_batch_archived_once_and_exported_as_fhir(
             for q in quantities:
                 assert q["system"] == "http://unitsofmeasure.org"
                 assert q["code"] == (unit or "mm[Hg]")
+
+
+async def test_a_views_hole_is_read_by_seq_over_http_by_the_patients_clinician_only(
+    core: CoreServer,
+    edge_factory: EdgeFactory,
+    channel_to: ChannelTo,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The console's fill: /api/v1/sessions/{id}/vitals?after_seq&through_seq answers the
+    batches in the range in seq order with the watermark; seq 12 (refused at the edge, a
+    tombstone) is never shown; every read is audited, refusals too."""
+    edge = await edge_factory()
+    opened = await open_session(core, channel_to)
+    sid = opened.session.session_id
+    stub = vitals_pb2_grpc.VitalsServiceStub(channel_to(edge.address))
+    batches = [make_batch(sid, i, hr=60 + i) for i in range(1, 31)]
+    batches[11].vitals[0].heart_rate_bpm = 900  # impossible: refused, its seq consumed
+    acks = await publish_all(stub, batches, opened.assignment.token)
+    assert acks[-1].received_seq == 30
+    await until_archived(archive_pb2_grpc.ArchiveServiceStub(channel_to(core.address)), sid, 30)
+    mine = dict(await staff(core, "clinician", patients=("p-1",)))
+    theirs = dict(await staff(core, "clinician", patients=("p-2",)))
+    ops = dict(await staff(core, "operator"))
+    url = f"{core.http.url}/api/v1/sessions/{sid}/vitals"
+    async with aiohttp.ClientSession() as s:
+
+        async def get(params: dict[str, Any], headers: dict[str, str]) -> tuple[int, Any]:
+            async with s.get(url, params=params, headers=headers) as r:
+                if r.content_type == "application/json":
+                    return r.status, await r.json()
+                return r.status, r.reason
+
+        status, body = await get({"after_seq": 5, "through_seq": 20}, mine)
+        assert status == 200
+        assert [int(b["seq"]) for b in body["batches"]] == [s for s in range(6, 21) if s != 12]
+        assert [b["vitals"][0]["heart_rate_bpm"] for b in body["batches"]][:3] == [66, 67, 68]
+        assert body["archived_seq"] == 30 and body["truncated"] is False
+        # A long hole comes a page at a time.
+        monkeypatch.setattr(archive_http, "MAX_FILL", 4)
+        status, body = await get({"after_seq": 0, "through_seq": 30}, mine)
+        assert [int(b["seq"]) for b in body["batches"]] == [1, 2, 3, 4] and body["truncated"]
+
+        for params, reason in [
+            ({"through_seq": 3}, "give after_seq"),
+            ({"after_seq": "x", "through_seq": 3}, "must be an integer"),
+            ({"after_seq": -1, "through_seq": 3}, "between 0 and"),
+            ({"after_seq": 0, "through_seq": 2**63}, "between 0 and"),
+            ({"after_seq": 9, "through_seq": 3}, "before after_seq"),
+        ]:
+            status, why = await get(params, mine)
+            assert status == 400 and reason in why, params
+        nope = {"after_seq": 0, "through_seq": 1}
+        async with s.get(url.replace(sid, "ses_nope"), params=nope, headers=mine) as r:
+            assert r.status == 404 and "ses_nope" in (await r.json())["message"]
+        status, body = await get({"after_seq": 0, "through_seq": 3}, theirs)
+        assert status == 403 and "not assigned to you" in body["message"]
+        status, body = await get({"after_seq": 0, "through_seq": 3}, ops)
+        assert status == 403 and "never vitals" in body["message"]
+        status, body = await get({"after_seq": 0, "through_seq": 3}, {})
+        assert status == 401
+    reads = [
+        (e.event.action, e.event.outcome)
+        async for e in core.security.audit.entries()
+        if e.event.session_id == sid and e.event.action == "archive.query"
+    ]
+    assert reads.count(("archive.query", "allowed")) >= 2
+    assert reads.count(("archive.query", "denied")) == 2
 
 
 async def test_archive_refuses_bad_queries(core: CoreServer, channel_to: ChannelTo) -> None:

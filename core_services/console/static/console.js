@@ -166,6 +166,12 @@ function onVitals(sid, p, msg, ws) {
     // Views overlap for a moment when one replaces another: each batch is shown once.
     const seq = Number(msg.batch.seq);
     if (seq <= (p.lastSeq || 0)) return;
+    // A jump (the new edge does not hold what came before a move, or this view fell behind
+    // and the edge dropped some for it): the archive has the rest.
+    if (p.lastSeq && seq > p.lastSeq + 1) {
+      const offsetMs = now - Number(msg.batch.device_time_unix_ns || 0) / 1e6;
+      fillFromArchive(sid, p, p.lastSeq, seq - 1, offsetMs, new Set());
+    }
     p.lastSeq = seq;
   }
   if (msg.type === "moving") {
@@ -212,6 +218,49 @@ function onVitals(sid, p, msg, ws) {
   } else if (msg.type === "session_released" && open === sid) {
     banner("Session moved: " + msg.message, "info");
   }
+}
+
+// The readings a view missed, from the core's archive, into the trends where they belong
+// (device time, shifted onto this browser's clock by the batch that came after the hole).
+// Asked again while the archive's watermark is below the hole: failover resends reach it
+// within seconds. A seq missing below the watermark was refused at the edge: never shown.
+async function fillFromArchive(sid, p, after, through, offsetMs, got, tries = 0) {
+  let body = null;
+  try {
+    const r = await fetch(`/api/v1/sessions/${encodeURIComponent(sid)}/vitals?after_seq=${after}&through_seq=${through}`);
+    if (r.status === 401) { signIn(); return; }
+    if (r.status === 403 || r.status === 404) return; // not this clinician's, or closed
+    if (r.ok) body = await r.json();
+  } catch (e) { /* the core is away: ask again */ }
+  if (!patients.has(sid) || patients.get(sid) !== p) return;
+  let from = after;
+  if (body) {
+    for (const b of body.batches) {
+      const seq = Number(b.seq);
+      from = seq;
+      if (got.has(seq)) continue;
+      got.add(seq);
+      state.filled = (state.filled || 0) + 1;
+      for (const v of b.vitals || []) {
+        const t = Number(v.device_time_unix_ns || b.device_time_unix_ns) / 1e6 + offsetMs;
+        insert(p.trends.hr, t, v.heart_rate_bpm);
+        insert(p.trends.spo2, t, v.spo2_percent);
+        insert(p.trends.rr, t, v.respiration_rate_bpm);
+      }
+    }
+    if (body.truncated) return fillFromArchive(sid, p, from, through, offsetMs, got, tries);
+    if (Number(body.archived_seq) >= through) return;
+  }
+  // Not all archived yet: the whole hole again (the archive may fill it out of order).
+  if (tries < 20) setTimeout(() => fillFromArchive(sid, p, after, through, offsetMs, got, tries + 1), 1000);
+  else state.unfilled = (state.unfilled || 0) + through - after - got.size;
+}
+
+function insert(arr, t, v) {
+  if (v === undefined || v === null || !arr.length || t < arr[0][0]) return; // outside the trend
+  let i = arr.length;
+  while (i > 0 && arr[i - 1][0] > t) i--;
+  arr.splice(i, 0, [t, v]);
 }
 
 function push(arr, t, v) {
