@@ -4,7 +4,9 @@ and what survives a reopen."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,38 @@ async def test_journal_checkpoints_in_a_thread_and_keeps_everything(
     page = again.read_session("s-b", 10, 5)
     assert [e.seq for e in page] == [11, 12, 13, 14, 15]
     assert vitals_pb2.VitalsBatch.FromString(page[0].batch) == batch("s-b", 11)
+    await again.close()
+
+
+async def test_the_wal_starts_over_under_steady_writes_and_stays_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under steady load the thread's checkpoint never catches up with the commits, and a
+    WAL that is never started over grew by 20 MB/s at 1,500 batches/s (the edge's RSS with
+    it). Past WAL_RESET_BYTES the loop finishes the checkpoint and the WAL starts over."""
+    monkeypatch.setattr(journal_mod, "CHECKPOINT_EVERY_COMMITS", 20)
+    monkeypatch.setattr(journal_mod, "WAL_RESET_BYTES", 2**20)
+    path = tmp_path / "journal.db"
+    wal = Path(str(path) + "-wal")
+    j = Journal(path)
+    big = batch("s-a", 1)
+    big.waveforms.add(samples=[0.25] * 200)  # about a 40 ms ECG chunk
+    largest = 0
+    for seq in range(1, 3001):
+        now = time.time_ns()  # recent: nothing is old enough to prune
+        await asyncio.gather(
+            j.append("s-a", "p-a", seq, now, big), j.append("s-b", "p-b", seq, now, big)
+        )
+        if seq % 100 == 0:
+            j.mark_forwarded(j.appended)
+            largest = max(largest, await asyncio.to_thread(os.path.getsize, wal))
+            await asyncio.sleep(0.01)  # the checkpoint thread's turn
+    assert j.wal_resets >= 2
+    # Without the restart the WAL passed 60 MB here (about 20 KB per commit).
+    assert largest < 8 * 2**20, largest
+    await j.close()
+    again = Journal(path)
+    assert [e.seq for e in again.read_session("s-b", 0, 5000)] == list(range(1, 3001))
     await again.close()
 
 
