@@ -24,6 +24,7 @@ from telehealth.rpc import (
     jittered,
     secure_channel,
     wait_backoff,
+    with_refresh_token,
 )
 from telehealth.security.tls import TlsFiles
 from telehealth.telemetry.logging import configure_logging
@@ -523,10 +524,7 @@ class DeviceAgent:
             if s.edge_received >= seq or self.archived_seq >= seq:
                 continue  # acknowledged while we waited for the pacer
             if s.refresh_token:
-                # Encoded messages concatenate as a merge: this adds refresh_token to the request.
-                data += vitals_pb2.PublishVitalsRequest(
-                    refresh_token=s.refresh_token
-                ).SerializeToString()
+                data = with_refresh_token(data, s.refresh_token)
                 s.refresh_token = ""
             cursor = seq
             self.stats.sent += 1

@@ -608,14 +608,11 @@ class EdgeSwarm(_GrpcSwarm):
 
     async def send(self, p: Patient, data: bytes) -> None:
         from loadtest.payload import wrap_publish
-        from telehealth.v1 import vitals_pb2
+        from telehealth.rpc import with_refresh_token
 
         msg = wrap_publish(data)
         if p.refresh_token:
-            # Encoded messages concatenate as a merge: this adds refresh_token to the request.
-            msg += vitals_pb2.PublishVitalsRequest(
-                refresh_token=p.refresh_token
-            ).SerializeToString()
+            msg = with_refresh_token(msg, p.refresh_token)
             p.refresh_token = ""
         await self.publish_calls[p.index].write(msg)
 

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from telehealth.errors import DomainError, ErrorCode, InvalidArgument
 from telehealth.security.tls import ReloadingServerCredentials, TlsFiles, channel_credentials
 from telehealth.telemetry.metrics import RpcMetrics
+from telehealth.v1 import vitals_pb2
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +323,15 @@ def with_port(listen: str, port: int) -> str:
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
+
+
+def with_refresh_token(publish_request: bytes, token: str) -> bytes:
+    """An encoded PublishVitalsRequest with refresh_token added, for a fresh token sent
+    in-band on an open Publish stream: encoded messages concatenate as a merge, so the
+    batch is not parsed and encoded again."""
+    return (
+        publish_request + vitals_pb2.PublishVitalsRequest(refresh_token=token).SerializeToString()
+    )
 
 
 def token_from(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
