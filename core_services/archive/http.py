@@ -17,32 +17,25 @@ from telehealth.v1 import vitals_pb2
 
 # Batches per answer (40 s of a 25/s stream); a longer hole is asked for again from the last.
 MAX_FILL = 1_000
-MAX_SEQ = 2**63 - 1  # the column is a signed 64-bit integer
+MAX_INT64 = 2**63 - 1  # seqs and times are signed 64-bit columns
+SEQ = "a batch sequence number"
+UNIX_NS = "unix time in nanoseconds"
 
 
-def _int_param(request: web.Request, name: str) -> int:
-    raw = request.query.get(name, "0") or "0"
-    try:
-        value = int(raw)
-    except ValueError:
-        raise web.HTTPBadRequest(
-            reason=f"{name} must be an integer (unix time in nanoseconds)"
-        ) from None
-    if value < 0:
-        raise web.HTTPBadRequest(reason=f"{name} cannot be negative")
-    return value
-
-
-def _seq_param(request: web.Request, name: str) -> int:
-    raw = request.query.get(name)
+def _int_param(request: web.Request, name: str, what: str, default: int | None = None) -> int:
+    """A non-negative integer query parameter (stored as a signed 64-bit integer); absent or
+    empty is `default`, or a 400 when there is none."""
+    raw = request.query.get(name) or None
     if raw is None:
-        raise web.HTTPBadRequest(reason=f"give {name} (a batch sequence number)")
+        if default is None:
+            raise web.HTTPBadRequest(reason=f"give {name} ({what})")
+        return default
     try:
         value = int(raw)
     except ValueError:
-        raise web.HTTPBadRequest(reason=f"{name} must be an integer sequence number") from None
-    if not 0 <= value <= MAX_SEQ:
-        raise web.HTTPBadRequest(reason=f"{name} must be between 0 and {MAX_SEQ}")
+        raise web.HTTPBadRequest(reason=f"{name} must be an integer ({what})") from None
+    if not 0 <= value <= MAX_INT64:
+        raise web.HTTPBadRequest(reason=f"{name} must be between 0 and {MAX_INT64}")
     return value
 
 
@@ -53,7 +46,10 @@ def add_archive_routes(app: web.Application, archive: Archive, policy: AccessPol
         can tell "not archived yet, ask again" (watermark < B) from "refused at the edge,
         never coming" (a seq missing below the watermark)."""
         sid = request.match_info["session_id"]
-        after, through = _seq_param(request, "after_seq"), _seq_param(request, "through_seq")
+        after, through = (
+            _int_param(request, "after_seq", SEQ),
+            _int_param(request, "through_seq", SEQ),
+        )
         if through < after:
             raise web.HTTPBadRequest(reason="through_seq is before after_seq")
         try:
@@ -85,7 +81,8 @@ def add_archive_routes(app: web.Application, archive: Archive, policy: AccessPol
 
     async def fhir_export(request: web.Request) -> web.StreamResponse:
         patient_id = request.match_info["patient_id"]
-        since, until = _int_param(request, "from"), _int_param(request, "to")
+        since = _int_param(request, "from", UNIX_NS, default=0)
+        until = _int_param(request, "to", UNIX_NS, default=0)
         try:
             check_export(patient_id, since, until, 0)
         except DomainError as e:
