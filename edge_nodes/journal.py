@@ -78,6 +78,17 @@ class JournalError(Exception):
     pass
 
 
+def _run_checkpoint(db: sqlite3.Connection, mode: str) -> tuple[int, int, int] | None:
+    """(busy, frames in the WAL, frames copied), or None when it failed: commits stay
+    durable in the WAL, and the next checkpoint tries again."""
+    try:
+        busy, wal_frames, copied = db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    except sqlite3.Error as e:
+        log.warning("journal checkpoint failed", extra={"error": str(e)})
+        return None
+    return int(busy), int(wal_frames), int(copied)
+
+
 class Journal:
     def __init__(self, path: Path, max_group: int = 1024) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,15 +202,11 @@ class Journal:
         """In the checkpoint thread: copy what the WAL holds into the database."""
         if self._checkpoint_db is None:
             self._checkpoint_db = sqlite3.connect(self.path, check_same_thread=False)
-        try:
-            _, wal_frames, _copied = self._checkpoint_db.execute(
-                f"PRAGMA wal_checkpoint({mode})"
-            ).fetchone()
-            self.checkpoints += 1
-        except sqlite3.Error as e:
-            # Commits stay durable in the WAL; the next checkpoint tries again.
-            log.warning("journal checkpoint failed", extra={"error": str(e)})
+        done = _run_checkpoint(self._checkpoint_db, mode)
+        if done is None:
             return
+        self.checkpoints += 1
+        _, wal_frames, _ = done
         loop = self._loop
         if mode == "PASSIVE" and wal_frames * self._page_size > WAL_RESET_BYTES and loop:
             # Most of the WAL is in the database now; the rest (written meanwhile) is
@@ -211,12 +218,8 @@ class Journal:
         starts it over (a reader still on an old snapshot defers that to the next try)."""
         if self._closed:
             return
-        try:
-            busy, wal_frames, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except sqlite3.Error as e:
-            log.warning("journal checkpoint failed", extra={"error": str(e)})
-            return
-        if not busy and wal_frames == copied:
+        done = _run_checkpoint(self._db, "PASSIVE")
+        if done is not None and not done[0] and done[1] == done[2]:
             self.wal_resets += 1
 
     def _close_checkpointer(self) -> None:
