@@ -85,6 +85,8 @@ class GeneratorSpec:
     edge_metrics_url: str = ""
     # The local core's key ring, to mint viewer tokens when Attach needs a clinician login.
     viewer_key_dir: str = ""
+    # Lifetime of those minted viewer tokens (a view whose token expires attaches again).
+    viewer_token_ttl_s: int = 3600
     pids: dict[str, int] = field(default_factory=dict)
     cpus: list[int] = field(default_factory=list)
     # The system under test's CPUs (to see what else ran on them).
@@ -382,6 +384,7 @@ class _GrpcSwarm(Swarm):
         self.tasks: list[asyncio.Task[None]] = []
         self.acks = 0
         self.renewals = 0  # tokens renewed during the run (publishers and viewers)
+        self.viewer_renewals = 0  # of those, views that attached again after expiry
 
     def _pool(self, address: str) -> None:
         import grpc
@@ -461,16 +464,26 @@ class _GrpcSwarm(Swarm):
                         self.deliver(p.index, viewer, seq, now)
                 return
             except grpc.aio.AioRpcError as e:
-                # The view's token expired (a long run): attach again and resume after the
-                # last seq seen, as a clinician's viewer does; the edge replays the rest.
-                if e.code() != grpc.StatusCode.UNAUTHENTICATED or not await self.renew_viewer(p):
+                if e.code() != grpc.StatusCode.UNAUTHENTICATED:
                     self.note_error("subscribe", e)
                     return
-                self.renewals += 1
-                call = self._subscribe(p, last)
+                expired = e
             except Exception as e:
                 self.note_error("subscribe", e)
                 return
+            # The view's token expired (a long run): attach again and resume after the last
+            # seq seen, as a clinician's viewer does; the edge replays the rest.
+            try:
+                renewed = await self.renew_viewer(p)
+            except Exception as e:
+                self.note_error("viewer token renewal", e)
+                return
+            if not renewed:
+                self.note_error("subscribe", expired)
+                return
+            self.renewals += 1
+            self.viewer_renewals += 1
+            call = self._subscribe(p, last)
 
     async def send(self, p: Patient, data: bytes) -> None:
         from loadtest.payload import wrap_publish
@@ -574,7 +587,9 @@ class EdgeSwarm(_GrpcSwarm):
             # Setup phase, a few small files once: blocking reads are fine here.
             if not key_dir.is_dir():  # noqa: ASYNC240
                 raise RuntimeError(f"no core key ring at {key_dir} to mint viewer tokens")
-            self._issuer = TokenIssuer(KeyRing.load_or_create(key_dir), 3600)
+            self._issuer = TokenIssuer(
+                KeyRing.load_or_create(key_dir), self.spec.viewer_token_ttl_s
+            )
         self.viewer_tokens = "minted"
         token, _ = self._issuer.issue(
             session_id=opened.session.session_id,
@@ -1274,6 +1289,7 @@ async def run(spec: GeneratorSpec) -> dict[str, Any]:
         "stream_errors": swarm.errors,
         "viewer_tokens": getattr(swarm, "viewer_tokens", ""),
         "token_renewals": getattr(swarm, "renewals", 0),
+        "viewer_token_renewals": getattr(swarm, "viewer_renewals", 0),
         "steps": results,
         # RSS of every process over the whole run (setup, steps, settling between them).
         "memory_growth": memory_growth(rss, skip_s=setup_s + first_ramp),

@@ -44,6 +44,9 @@ async def test_a_run_outlasting_its_tokens_renews_them_and_loses_nothing(
         watched=3,
         connections=1,
         viewer_key_dir=str(core.settings.resolved_keys_dir()),
+        # The test core wants a clinician login for Attach as viewer, so viewer tokens are
+        # minted: with the same short life, so the views do expire mid-run.
+        viewer_token_ttl_s=TTL_S,
         progress="none",
     )
     out = await run(spec)
@@ -51,6 +54,7 @@ async def test_a_run_outlasting_its_tokens_renews_them_and_loses_nothing(
     assert out["stream_errors"] == {}, out["stream_errors"]
     # Three publishers renewed at least once; the views ended by expiry came back.
     assert out["token_renewals"] >= 3 + 3
+    assert out["viewer_tokens"] == "minted" and out["viewer_token_renewals"] >= 3
     assert step["not_sent"] == 0
     assert step["delivered"] == step["sent"] == step["expected"]
     assert step["duplicates"] == 0
