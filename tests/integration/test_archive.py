@@ -156,6 +156,14 @@ async def test_a_views_hole_is_read_by_seq_over_http_by_the_patients_clinician_o
         ]:
             status, why = await get(params, mine)
             assert status == 400 and reason in why, params
+        # The export's window takes the same integers (times in ns, within int64).
+        fhir = f"{core.http.url}/api/v1/patients/p-1/fhir"
+        for params, reason in [
+            ({"from": "soon"}, "must be an integer"),
+            ({"to": 2**63}, "between 0 and"),
+        ]:
+            async with s.get(fhir, params=params, headers=mine) as r:
+                assert r.status == 400 and reason in (r.reason or ""), params
         nope = {"after_seq": 0, "through_seq": 1}
         async with s.get(url.replace(sid, "ses_nope"), params=nope, headers=mine) as r:
             assert r.status == 404 and "ses_nope" in (await r.json())["message"]
