@@ -13,6 +13,11 @@ class Watermark:
     def seen(self, seq: int) -> bool:
         return seq <= self.value or seq in self._above
 
+    def copy(self) -> Watermark:
+        c = Watermark(self.value)
+        c._above = set(self._above)
+        return c
+
     def add(self, seq: int) -> None:
         if seq <= self.value:
             return

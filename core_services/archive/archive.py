@@ -57,8 +57,13 @@ class Archive:
             added: set[tuple[str, int]] = set()
             loaded: dict[str, Watermark] = {}
             for ab in batches:
-                wm = await self._watermark(ab.session_id, loaded)
-                touched[ab.session_id] = wm
+                # A copy: the cached watermark moves only once the rows are committed, so a
+                # reader (GetWatermark, the console's fill) never hears of a seq before it is
+                # durable and readable (a device drops what is below it from its backlog).
+                wm = touched.get(ab.session_id)
+                if wm is None:
+                    wm = (await self._watermark(ab.session_id, loaded)).copy()
+                    touched[ab.session_id] = wm
                 seq = ab.batch.seq
                 if seq == 0 or wm.seen(seq) or (ab.session_id, seq) in added:
                     duplicates += 1
@@ -94,6 +99,8 @@ class Archive:
                 for sid in touched:
                     self._wm.pop(sid, None)
                 raise
+            if not self._shared:
+                self._wm.update(touched)
         self._metrics.archived.inc(len(rows) - tombstones)
         self._metrics.archive_duplicates.inc(duplicates)
         self._metrics.archive_append.observe(time.perf_counter() - t0)

@@ -400,11 +400,17 @@ async def test_the_console_fills_a_hole_in_its_view_from_the_archive(
             await eventually(
                 lambda: console.evaluate(f"{seen}.lastSeq > {max(lost)}"), 20, "live again"
             )
-            await eventually(
-                lambda: console.evaluate(f"(window.telehealth.filled || 0) >= {len(lost)}"),
-                30,
-                "the hole filled from the archive",
-            )
+            try:
+                await eventually(
+                    lambda: console.evaluate(f"(window.telehealth.filled || 0) >= {len(lost)}"),
+                    30,
+                    "the hole filled from the archive",
+                )
+            except AssertionError as e:
+                got = await console.evaluate(
+                    "[window.telehealth.filled, window.telehealth.unfilled]"
+                )
+                raise AssertionError(f"{e}: lost {lost}, filled and unfilled {got}") from None
             assert await console.evaluate("window.telehealth.filled") == len(lost)
             assert lost == list(range(lost[0], lost[-1] + 1))
             # The filled readings sit inside the trend, in time order.

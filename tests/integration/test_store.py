@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import pytest
 from alembic import command
 from alembic.config import Config
+from prometheus_client import CollectorRegistry
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import IntegrityError
 
+from core_services.archive.archive import Archive
 from core_services.archive.store import ArchiveStore, StoredBatch
 from core_services.sessions.domain import EdgeState, Session, SessionState
 from core_services.store import MIGRATIONS, SqlStore
-from telehealth.v1 import vitals_pb2
+from telehealth.telemetry.metrics import CoreMetrics
+from telehealth.v1 import archive_pb2, vitals_pb2
 
 
 @pytest.fixture
@@ -139,3 +143,49 @@ async def test_tombstone_migration_keeps_archived_rows(store: SqlStore) -> None:
     archive = ArchiveStore(store)
     got = await archive.query(session_id="s-old")
     assert [(r.seq, r.rejected) for r in got] == [(1, False)]
+
+
+class HeldStore(ArchiveStore):
+    """The real store, whose commits wait at a gate: the moment between an append's
+    decision and its commit, held open so a reader can look in."""
+
+    def __init__(self, store: SqlStore) -> None:
+        super().__init__(store)
+        self.writing = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def append(self, rows: list[StoredBatch], watermarks: dict[str, int]) -> None:
+        self.writing.set()
+        await self.gate.wait()
+        await super().append(rows, watermarks)
+
+
+async def test_no_reader_hears_of_a_watermark_before_its_rows_are_committed(
+    store: SqlStore,
+) -> None:
+    """A device drops from its backlog what is below the archived watermark, and the console
+    stops filling a hole once the watermark passes it: the watermark must never run ahead of
+    the rows a reader can read (it once did, moved in memory before the commit)."""
+    held = HeldStore(store)
+    archive = Archive(held, CoreMetrics(CollectorRegistry()))
+    first = [
+        archive_pb2.ArchivedBatch(session_id="s-held", patient_id="p-held", batch=b)
+        for b in (vitals_pb2.VitalsBatch(session_id="s-held", seq=s) for s in (1, 2))
+    ]
+    held.gate.set()
+    assert (await archive.append("edge-a", first))[0] == {"s-held": 2}
+    held.gate.clear()
+    more = [
+        archive_pb2.ArchivedBatch(session_id="s-held", patient_id="p-held", batch=b)
+        for b in (vitals_pb2.VitalsBatch(session_id="s-held", seq=s) for s in (3, 4, 5))
+    ]
+    held.writing.clear()
+    appending = asyncio.create_task(archive.append("edge-a", more))
+    await asyncio.wait_for(held.writing.wait(), 10)
+    # Mid-commit: the reader hears the old watermark, and every row it names is there.
+    assert await archive.archived_seq("s-held") == 2
+    assert [r.seq for r in await held.session_range("s-held", 0, 5, 10)] == [1, 2]
+    held.gate.set()
+    assert (await asyncio.wait_for(appending, 10))[0] == {"s-held": 5}
+    assert await archive.archived_seq("s-held") == 5
+    assert [r.seq for r in await held.session_range("s-held", 0, 5, 10)] == [1, 2, 3, 4, 5]
