@@ -95,7 +95,7 @@ class Archive:
             try:
                 await self.store.append(rows, changed)
             except BaseException:
-                # Forget what we believed; the next use reloads from the database.
+                # The commit may or may not have taken: the next use reloads from the database.
                 for sid in touched:
                     self._wm.pop(sid, None)
                 raise

@@ -168,19 +168,22 @@ async def test_no_reader_hears_of_a_watermark_before_its_rows_are_committed(
     the rows a reader can read (it once did, moved in memory before the commit)."""
     held = HeldStore(store)
     archive = Archive(held, CoreMetrics(CollectorRegistry()))
-    first = [
-        archive_pb2.ArchivedBatch(session_id="s-held", patient_id="p-held", batch=b)
-        for b in (vitals_pb2.VitalsBatch(session_id="s-held", seq=s) for s in (1, 2))
-    ]
+
+    def batches(*seqs: int) -> list[archive_pb2.ArchivedBatch]:
+        return [
+            archive_pb2.ArchivedBatch(
+                session_id="s-held",
+                patient_id="p-held",
+                batch=vitals_pb2.VitalsBatch(session_id="s-held", seq=s),
+            )
+            for s in seqs
+        ]
+
     held.gate.set()
-    assert (await archive.append("edge-a", first))[0] == {"s-held": 2}
+    assert (await archive.append("edge-a", batches(1, 2)))[0] == {"s-held": 2}
     held.gate.clear()
-    more = [
-        archive_pb2.ArchivedBatch(session_id="s-held", patient_id="p-held", batch=b)
-        for b in (vitals_pb2.VitalsBatch(session_id="s-held", seq=s) for s in (3, 4, 5))
-    ]
     held.writing.clear()
-    appending = asyncio.create_task(archive.append("edge-a", more))
+    appending = asyncio.create_task(archive.append("edge-a", batches(3, 4, 5)))
     await asyncio.wait_for(held.writing.wait(), 10)
     # Mid-commit: the reader hears the old watermark, and every row it names is there.
     assert await archive.archived_seq("s-held") == 2
